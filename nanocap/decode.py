@@ -152,3 +152,16 @@ def generate(gpt, prefix, method="greedy", max_new_tokens=20, eos_id=50256, beam
         prefix = prefix.repeat_interleave(num_return, dim=0)
         return sample(gpt, prefix, max_new_tokens, eos_id, False, temperature, top_k, top_p, generator)
     raise ValueError(f"unknown decoding method {method!r}; use greedy, beam or sample")
+
+
+def score(gpt, prefix, tokens):
+    """Teacher-forced log-probs of given captions, *with* gradients (the REINFORCE forward pass).
+
+    prefix (N, P, C), tokens (N, T) from a Generation -> (logprobs (N, T), logits (N, T, V)), where
+    logits[:, t] is the distribution that token t was drawn from. Pass mask-aware losses the
+    Generation's mask: values after a caption's end are meaningless.
+    """
+    P = prefix.size(1)
+    logits = gpt(idx=tokens[:, :-1], inputs_embeds=prefix)[:, P - 1 :, :]  # (N, T, V)
+    logprobs = F.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, :, None]).squeeze(2)  # (N, T)
+    return logprobs, logits

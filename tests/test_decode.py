@@ -141,3 +141,14 @@ def test_generate_entry_point(model, prefix):
     assert out.tokens.size(0) == 6
     with pytest.raises(ValueError):
         generate(model, prefix, method="nucleus")
+
+
+def test_score_recomputes_decoding_logprobs_with_grad(model, prefix):
+    from nanocap.decode import score
+    gen = sample(model, prefix, max_new_tokens=8, eos_id=EOS, generator=torch.Generator().manual_seed(5))
+    p = prefix.clone().requires_grad_(True)
+    logprobs, logits = score(model, p, gen.tokens)
+    assert logits.shape == (*gen.tokens.shape, V)
+    assert torch.allclose(logprobs[gen.mask], gen.logprobs[gen.mask], atol=1e-5)
+    logprobs[gen.mask].sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0

@@ -1,0 +1,58 @@
+"""
+Command lines generated from a config dataclass, the one place each script's defaults live.
+
+Every script (data_prep.py, train.py, sample.py) declares `@dataclass class Config` at its top;
+`parse_config(Config)` turns each field into a flag (`--stage 1`, `--lr 3e-4`, `--compile true`),
+with the field's default and its `help=` metadata in `-h`. `--config FILE.json` loads a preset
+first; flags given on the command line win over it. Unknown keys in a preset are an error, so
+a typo never silently does nothing.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _type_of(field):
+    t = field.type if not isinstance(field.type, str) else {"int": int, "float": float, "bool": bool, "str": str}[field.type]
+    return _bool if t is bool else t
+
+
+def parse_config(cls, argv=None, description=None):
+    """Build `cls` (a dataclass) from --config FILE.json and --field value flags."""
+    parser = argparse.ArgumentParser(description=description or cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="a JSON preset; flags override it")
+    for f in dataclasses.fields(cls):
+        kw = dict(type=_type_of(f), default=argparse.SUPPRESS, help=f.metadata.get("help", " ") + f" (default: {f.default})")
+        if _type_of(f) is _bool:
+            kw.update(nargs="?", const=True)  # `--compile` alone means true
+        parser.add_argument(f"--{f.name}", **kw)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values = {}
+    preset = args.pop("config", None)
+    if preset:
+        with open(preset) as fh:
+            values = json.load(fh)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            parser.error(f"{preset}: unknown keys {unknown}; valid keys are the flags in -h")
+    values.update(args)  # command-line flags win over the preset
+    return cls(**values)
+
+
+def print_config(config):
+    """Print the resolved config at start-up, one `name = value` per line."""
+    print(f"{type(config).__module__}.{type(config).__name__}:")
+    for k, v in dataclasses.asdict(config).items():
+        print(f"  {k} = {v!r}")

@@ -1,0 +1,119 @@
+"""
+The on-disk dataset layout that every source shares: the shapes world, COCO, and your own folder.
+
+    data/<name>/
+      meta.json                        CLIP (name + weights) the features come from, whether they are
+                                       L2-normalized, the GPT to start from, counts, summary figures
+      <split>/captions.jsonl           one image per line: {"image": "images/000001.png",
+                                       "captions": ["a red circle", ...], ...}  ("image" is relative
+                                       to the split folder, or absolute)
+      <split>/features.safetensors     {"features": (N, D) float16}, row i = line i of captions.jsonl,
+                                       each image encoded once (ClipCap encoded each one 5 times)
+
+An image without captions (`"captions": []`) can only serve as unlabeled data. Writes are atomic:
+a temporary file, then a rename, so a killed run never leaves a half-written file behind.
+"""
+
+import json
+import os
+import random
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write_bytes(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_jsonl(path, records):
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def read_jsonl(path):
+    """Records of a captions.jsonl. Raises ValueError naming the line of a malformed record."""
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict) or not isinstance(r.get("image"), str):
+                raise ValueError(f'{path}:{n}: expected {{"image": ..., "captions": [...]}}')
+            records.append(r)
+    return records
+
+
+def save_features(path, features, **meta):
+    """features: (N, D) float tensor, stored as float16; meta: strings kept in the file header."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({"features": features.to(torch.float16).contiguous()}, tmp,
+              metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_features(path):
+    """(N, D) float32 features of a split."""
+    return load_file(path)["features"].float()
+
+
+def split_dir(data_dir, split):
+    return os.path.join(data_dir, split)
+
+
+def image_path(data_dir, split, record):
+    p = record["image"]
+    return p if os.path.isabs(p) else os.path.join(data_dir, split, p)
+
+
+def labeled_split(n, fraction, seed):
+    """Choose round(fraction * n) of n images as the labeled set, by seed. Returns (labeled, unlabeled)
+    index lists, both sorted; the same (n, fraction, seed) always gives the same split."""
+    k = max(1, round(fraction * n)) if fraction > 0 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:k]), sorted(order[k:])
+
+
+class Captioned:
+    """Labeled training data: CLIP features and the captions of each image."""
+
+    def __init__(self, features, captions):
+        assert len(features) == len(captions)
+        self.features = features  # (N, D)
+        self.captions = captions  # N lists of strings
+
+    def __len__(self):
+        return len(self.features)
+
+
+class Unlabeled:
+    """Unlabeled images for stage 2: features only. The captions are not even kept, so stage 2
+    cannot read them; any attempt raises, which a test uses to prove it."""
+
+    def __init__(self, features):
+        self.features = features  # (N, D)
+
+    def __len__(self):
+        return len(self.features)
+
+    @property
+    def captions(self):
+        raise RuntimeError("stage 2 must never read the captions of unlabeled images")

@@ -27,15 +27,24 @@ def _type_of(field):
     return _bool if t is bool else t
 
 
+def _is_list(field):
+    return getattr(field.type, "__origin__", None) is list or str(field.type).startswith("list")
+
+
 def parse_config(cls, argv=None, description=None):
     """Build `cls` (a dataclass) from --config FILE.json and --field value flags."""
     parser = argparse.ArgumentParser(description=description or cls.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="a JSON preset; flags override it")
     for f in dataclasses.fields(cls):
-        kw = dict(type=_type_of(f), default=argparse.SUPPRESS, help=f.metadata.get("help", " ") + f" (default: {f.default})")
-        if _type_of(f) is _bool:
-            kw.update(nargs="?", const=True)  # `--compile` alone means true
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", " ") + f" (default: {default})")
+        if _is_list(f):
+            kw.update(nargs="+", type=str)  # `--image a.jpg b.png photos/`
+        elif _type_of(f) is _bool:
+            kw.update(nargs="?", const=True, type=_bool)  # `--compile` alone means true
+        else:
+            kw.update(type=_type_of(f))
         parser.add_argument(f"--{f.name}", **kw)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values = {}

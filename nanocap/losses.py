@@ -60,16 +60,18 @@ def info_nce(a, b, logit_scale):
 
 
 @torch.no_grad()
-def contrastive_reward(gen_emb, gt_emb, temperature):
+def contrastive_reward(gen_emb, gt_emb, temperature, k=1):
     """
     Stage-1 sequence reward: InfoNCE log-prob of generated caption i matching its own
     ground truth against the other ground truths in the batch.
 
-        r_i = log softmax_j( gen_i . gt_j / tau )[i]      (always <= 0)
-    gen_emb, gt_emb: (N, D) normalized. Returns (N,), detached.
+        r_i = log softmax_j( gen_i . gt_j / tau )[own(i)]      (always <= 0)
+    gen_emb: (N*k, D), the k samples of each image contiguous; gt_emb: (N, D); both
+    normalized; own(i) = i // k. Returns (N*k,), detached.
     """
-    logits = gen_emb @ gt_emb.T / temperature  # (N, N)
-    return F.log_softmax(logits, dim=1).diagonal()  # (N,)
+    logits = gen_emb @ gt_emb.T / temperature  # (N*k, N)
+    own = torch.arange(gen_emb.shape[0], device=gen_emb.device) // k  # (N*k,)
+    return F.log_softmax(logits, dim=1).gather(1, own[:, None]).squeeze(1)  # (N*k,)
 
 
 # -----------------------------------------------------------------------------

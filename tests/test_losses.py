@@ -90,6 +90,15 @@ def test_contrastive_reward_prefers_matched_pair():
     assert (logp.argmax(dim=1) == torch.arange(4)).all()
 
 
+def test_contrastive_reward_k_samples_per_image():
+    gen, gt, tau = normed(6, 8, seed=8), normed(3, 8, seed=9), 0.1  # K=2 samples for each of 3 images
+    r = contrastive_reward(gen, gt, tau, k=2)
+    assert r.shape == (6,)
+    for i in range(6):
+        s = gen[i] @ gt.T / tau
+        assert r[i].item() == pytest.approx((s[i // 2] - torch.logsumexp(s, 0)).item(), abs=1e-5)
+
+
 def test_contrastive_reward_no_grad():
     gen = normed(3, 4, seed=6).requires_grad_()
     assert not contrastive_reward(gen, normed(3, 4, seed=7), 0.1).requires_grad

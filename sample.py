@@ -1,0 +1,151 @@
+"""
+Caption images with a trained nanocap checkpoint, or caption a whole split and score it.
+
+    python sample.py --image x.jpg                       # greedy caption of one image
+    python sample.py --image a.jpg b.png photos/ --method beam --beam_size 5
+    python sample.py --image x.jpg --method sample --num_captions 5 --top_p 0.9
+    python sample.py --split test --eval --out_json results/test.json
+
+The checkpoint names its CLIP (model and weights), whether the features are normalized, and
+its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage in --out_dir.
+Evaluation scores with the dataset's *evaluation* CLIP, never the reward CLIP stage 2 optimized.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from nanocap import data
+from nanocap.captioner import load_captioner
+from nanocap.cli import parse_config
+from nanocap.clip_encoder import CLIPEncoder
+from nanocap.decode import generate
+from nanocap.images import ImageError, find_images, load_image
+from nanocap.tokenizer import get_tokenizer
+from nanocap.train_utils import pick_device
+
+
+@dataclass
+class Config:
+    """Caption images, or a split with --eval."""
+    image: list[str] = field(default_factory=list, metadata={"help": "image files and/or folders"})
+    ckpt: str = field(default="", metadata={"help": "checkpoint; default: the latest stage in out_dir"})
+    out_dir: str = field(default="out/shapes", metadata={"help": "where train.py wrote stage1.pt / stage2.pt"})
+    method: str = field(default="greedy", metadata={"help": "greedy, beam or sample"})
+    beam_size: int = field(default=5, metadata={"help": "beam search width"})
+    length_penalty: float = field(default=0.0, metadata={"help": "beam: rank by sum(logp)/length**this"})
+    num_captions: int = field(default=1, metadata={"help": "captions per image (best beams, or samples)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens (0: all)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1: off)"})
+    max_new_tokens: int = field(default=40, metadata={"help": "longest caption, in tokens"})
+    batch_size: int = field(default=64, metadata={"help": "images decoded together"})
+    seed: int = field(default=0, metadata={"help": "for --method sample"})
+    split: str = field(default="", metadata={"help": "caption this split of the checkpoint's dataset (e.g. test)"})
+    data_dir: str = field(default="", metadata={"help": "dataset; default: the one the checkpoint was trained on"})
+    eval: bool = field(default=False, metadata={"help": "with --split: score the captions"})
+    out_json: str = field(default="", metadata={"help": "with --eval: write the scores here (captions beside it)"})
+    references: bool = field(default=False, metadata={"help": "with --eval: score reference 1 against the other 4"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
+
+
+def latest_checkpoint(out_dir):
+    for stage in (2, 1):
+        path = os.path.join(out_dir, f"stage{stage}.pt")
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no stage1.pt or stage2.pt in {out_dir}; train with `python train.py --stage 1` or pass --ckpt")
+
+
+@torch.no_grad()
+def caption_features(cfg, model, tok, features, device):
+    """Captions for CLIP features (N, D): a list of N lists of num_captions strings."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = []
+    for i in range(0, len(features), cfg.batch_size):
+        prefix = model.prefix(features[i : i + cfg.batch_size].to(device))
+        g = generate(model.gpt, prefix, cfg.method, cfg.max_new_tokens, tok.eos_id, cfg.beam_size,
+                     cfg.length_penalty, cfg.num_captions, cfg.temperature, cfg.top_k, cfg.top_p, gen)
+        texts = [tok.decode(t) for t in g.tokens.tolist()]
+        out += [texts[j : j + cfg.num_captions] for j in range(0, len(texts), cfg.num_captions)]
+    return out
+
+
+def caption_images(cfg, model, ckpt, tok, device):
+    files, errors = find_images(cfg.image)
+    images, names = [], []
+    for f in files:
+        try:
+            images.append(load_image(f))
+            names.append(f)
+        except ImageError as e:
+            errors.append(str(e))
+    for e in errors:
+        print(f"skipped: {e}", file=sys.stderr)
+    if not images:
+        raise SystemExit("error: no readable image among " + " ".join(cfg.image))
+    clip = CLIPEncoder(ckpt["clip"]["name"], ckpt["clip"]["weights"], device=device)
+    feats = torch.cat([clip.encode_image(images[i : i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)])
+    for name, caps in zip(names, caption_features(cfg, model, tok, feats, device)):
+        for c in caps:
+            print(f"{name}: {c}")
+    return 1 if errors else 0
+
+
+def evaluate_split(cfg, model, ckpt, tok, device):
+    from nanocap import metrics
+    data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
+    meta = data.read_json(os.path.join(data_dir, "meta.json"))
+    in_data = lambda p: p if os.path.isabs(p) else os.path.join(data_dir, p)
+    split_dir = data.split_dir(data_dir, cfg.split)
+    records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))
+    references = [r["captions"] for r in records]
+    if cfg.references:  # the human ceiling: reference 1 scored against the other four
+        candidates = [refs[0] for refs in references]
+        references = [refs[1:] for refs in references]
+    else:
+        feats = data.load_features(os.path.join(split_dir, "features.safetensors"))
+        candidates = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
+    eval_clip = CLIPEncoder(in_data(meta["eval_clip"]), in_data(meta["eval_clip_weights"]), device=device)
+    eval_feats_file = os.path.join(split_dir, "features_eval.safetensors")
+    if os.path.exists(eval_feats_file):
+        eval_feats = data.load_features(eval_feats_file).to(device)
+    else:
+        eval_feats = torch.cat([eval_clip.encode_image([load_image(data.image_path(data_dir, cfg.split, r))
+                                                        for r in records[i : i + cfg.batch_size]])
+                                for i in range(0, len(records), cfg.batch_size)])
+    scenes = [r["scene"] for r in records] if all("scene" in r for r in records) else None
+    scores = metrics.evaluate_captions(candidates, references, clip=eval_clip, image_features=eval_feats,
+                                       scenes=scenes, prompt=meta.get("clip_prompt", "a photo depicts"))
+    print(metrics.format_table(scores))
+    if cfg.out_json:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out_json)), exist_ok=True)
+        data.write_json(cfg.out_json, scores)
+        stem = cfg.out_json[:-5] if cfg.out_json.endswith(".json") else cfg.out_json
+        ids = [r.get("image_id", i) for i, r in enumerate(records)]
+        data.write_json(stem + ".captions.json", [{"image_id": i, "caption": c} for i, c in zip(ids, candidates)])
+        print(f"wrote {cfg.out_json} and {stem}.captions.json")
+    return 0
+
+
+def main(cfg):
+    if not cfg.image and not cfg.split:
+        raise SystemExit("error: nothing to caption; pass --image FILE_OR_FOLDER ... or --split test --eval")
+    if cfg.method not in ("greedy", "beam", "sample"):
+        raise SystemExit(f"error: unknown --method {cfg.method!r}; use greedy, beam or sample")
+    device = pick_device(cfg.device)
+    try:
+        model, ckpt = load_captioner(cfg.ckpt or latest_checkpoint(cfg.out_dir), device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    tok = get_tokenizer(**ckpt["tokenizer"])
+    if cfg.split:
+        return evaluate_split(cfg, model, ckpt, tok, device)
+    return caption_images(cfg, model, ckpt, tok, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_config(Config)))

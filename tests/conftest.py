@@ -4,3 +4,18 @@ import os
 # (The Makefile and .ci/run export it before Python starts; this is the safety net for a bare `pytest`.)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """A miniature shapes world made by the real data_prep code path, in seconds: a few hundred
+    images, CLIPs and GPT trained for a handful of steps. Returns its data_dir."""
+    import data_prep
+
+    root = tmp_path_factory.mktemp("tiny") / "shapes"
+    cfg = data_prep.Config(data_dir=str(root), n_web=128, n_train=120, n_val=16, n_test=16,
+                           clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7)
+    data_prep.prepare_shapes(cfg)
+    return str(root)

@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --nbmake tests notebooks
 
 demo: install
 	@echo "nanocap core is installed: nanocap/{gpt,decode,tokenizer,clip_encoder,mapper,losses}.py"

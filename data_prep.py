@@ -51,6 +51,7 @@ class Config:
     lm_steps: int = field(default=1500, metadata={"help": "shapes: toy GPT training steps"})
     batch_size: int = field(default=256, metadata={"help": "images per batch when encoding features"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers for reading images"})
+    grid: str = field(default="", metadata={"help": "instead: draw 8 train images and their captions to this PNG"})
 
 
 SPLITS = ("web", "train", "val", "test")
@@ -201,12 +202,37 @@ def summarize(cfg, encoders, gpt_dir, t0):
     print(f"wall time: {summary['wall_time_s']:.0f} s (steps already done were skipped)")
 
 
+def draw_grid(cfg):
+    """A PNG of the first 8 train images of a prepared dataset, each with its 5 reference captions."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = data.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))[:8]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 10), gridspec_kw=dict(hspace=0.7, wspace=0.15))
+    for ax, r in zip(axes.flat, records):
+        ax.imshow(Image.open(data.image_path(cfg.data_dir, "train", r)), interpolation="lanczos")
+        ax.set_xticks([])
+        ax.set_yticks([])  # keep the frame: the white background would vanish into the page
+        ax.text(0, -0.04, "\n".join(_wrap("- " + c, 48) for c in r["captions"]), transform=ax.transAxes,
+                va="top", fontsize=8.5, family="monospace")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.grid)), exist_ok=True)
+    fig.savefig(cfg.grid, dpi=80, bbox_inches="tight")
+    print(f"wrote {cfg.grid}")
+
+
+def _wrap(text, width):
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def main():
     cfg = parse_config(Config)
     if not cfg.data_dir:
         cfg.data_dir = os.path.join("data", cfg.dataset)
     print_config(cfg)
-    if cfg.dataset == "shapes":
+    if cfg.grid:
+        draw_grid(cfg)
+    elif cfg.dataset == "shapes":
         prepare_shapes(cfg)
     else:
         raise SystemExit(f"error: unknown --dataset {cfg.dataset!r}; use shapes")

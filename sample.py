@@ -49,6 +49,7 @@ class Config:
     eval: bool = field(default=False, metadata={"help": "with --split: score the captions"})
     out_json: str = field(default="", metadata={"help": "with --eval: write the scores here (captions beside it)"})
     references: bool = field(default=False, metadata={"help": "with --eval: score reference 1 against the other 4"})
+    compare: int = field(default=0, metadata={"help": "with --split: print this many images' stage-1 and stage-2 captions side by side"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -131,6 +132,21 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     return 0
 
 
+def compare_stages(cfg, tok, device):
+    """The first `compare` images of a split: a reference, then the stage-1 and stage-2 captions."""
+    columns = {}
+    for stage in (1, 2):
+        model, ckpt = load_captioner(os.path.join(cfg.out_dir, f"stage{stage}.pt"), device)
+        data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
+        split_dir = data.split_dir(data_dir, cfg.split)
+        feats = data.load_features(os.path.join(split_dir, "features.safetensors"))[: cfg.compare]
+        columns[stage] = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
+    records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))[: cfg.compare]
+    for r, c1, c2 in zip(records, columns[1], columns[2]):
+        print(f"{r['image']}\n  reference: {r['captions'][0]}\n  stage 1:   {c1}\n  stage 2:   {c2}")
+    return 0
+
+
 def main(cfg):
     if not cfg.image and not cfg.split:
         raise SystemExit("error: nothing to caption; pass --image FILE_OR_FOLDER ... or --split test --eval")
@@ -142,6 +158,8 @@ def main(cfg):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     tok = get_tokenizer(**ckpt["tokenizer"])
+    if cfg.split and cfg.compare:
+        return compare_stages(cfg, tok, device)
     if cfg.split:
         return evaluate_split(cfg, model, ckpt, tok, device)
     return caption_images(cfg, model, ckpt, tok, device)

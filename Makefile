@@ -27,8 +27,10 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --nbmake tests notebooks
 
 demo: install
-	@echo "nanocap core is installed: nanocap/{gpt,decode,tokenizer,clip_encoder,mapper,losses}.py"
-	@echo "The shapes-world demo (data_prep.py, train.py, sample.py) is not written yet; see the open issues."
+	$(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
+	$(PY) train.py --stage 1                  # 2% of the labels
+	$(PY) train.py --stage 2                  # the unlabeled 98%, CLIP-S reward
+	$(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -46,9 +46,10 @@ class Config:
     n_train: int = field(default=10000, metadata={"help": "shapes: train images (labeled fraction + unlabeled pool)"})
     n_val: int = field(default=500, metadata={"help": "shapes: validation images"})
     n_test: int = field(default=1000, metadata={"help": "shapes: test images"})
-    clip_steps: int = field(default=600, metadata={"help": "shapes: reward-CLIP training steps"})
-    eval_clip_steps: int = field(default=400, metadata={"help": "shapes: eval-CLIP training steps"})
-    lm_steps: int = field(default=1500, metadata={"help": "shapes: toy GPT training steps"})
+    clip_steps: int = field(default=460, metadata={"help": "shapes: reward-CLIP training steps (batch 256)"})
+    eval_clip_steps: int = field(default=370, metadata={"help": "shapes: eval-CLIP training steps (batch 256)"})
+    clip_lr: float = field(default=5e-4, metadata={"help": "shapes: peak learning rate of both CLIPs"})
+    lm_steps: int = field(default=600, metadata={"help": "shapes: toy GPT training steps"})
     batch_size: int = field(default=256, metadata={"help": "images per batch when encoding features"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers for reading images"})
     grid: str = field(default="", metadata={"help": "instead: draw 8 train images and their captions to this PNG"})
@@ -148,7 +149,7 @@ def prepare_shapes(cfg):
         if not os.path.exists(weights):
             web = web or load_split(cfg, "web")
             print(f"pretraining the {role} CLIP on {len(web[0])} web images ({steps} steps)")
-            model = pretrain.train_clip(clip_cfg, web[1], [r["captions"] for r in web[0]], steps, seed=seed)
+            model = pretrain.train_clip(clip_cfg, web[1], [r["captions"] for r in web[0]], steps, lr=cfg.clip_lr, seed=seed)
             pretrain.save_clip(model, clip_cfg, json_path, weights)
 
     gpt_dir = os.path.join(models, "gpt")
@@ -181,8 +182,7 @@ def summarize(cfg, encoders, gpt_dir, t0):
     """Counts, sizes, each CLIP's quality on test, the GPT's validation perplexity, wall time."""
     test_records, test_images = load_split(cfg, "test")
     scenes = [r["scene"] for r in test_records]
-    pil = [Image.fromarray(a) for a in test_images]
-    reports = {role: pretrain.clip_report(enc, pil, scenes, seed=cfg.seed) for role, enc in encoders.items()}
+    reports = {role: pretrain.clip_report(enc, test_images, scenes, seed=cfg.seed) for role, enc in encoders.items()}
     vocab = data.read_json(os.path.join(gpt_dir, "nanocap_vocab.json"))
     lm = GPT.from_pretrained(gpt_dir)
     val_texts = [c for r in data.read_jsonl(os.path.join(cfg.data_dir, "val", "captions.jsonl")) for c in r["captions"]]

@@ -68,8 +68,9 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
     contrastive_weight: float = field(default=0.1, metadata={"help": "λ of the contrastive term (0: ClipCap)"})
     contrastive_temperature: float = field(default=0.0, metadata={"help": "τ of the contrastive reward (0: the CLIP's own)"})
-    # REINFORCE (the contrastive term and stage 2)
-    samples_per_image: int = field(default=5, metadata={"help": "K sampled captions per image"})
+    contrastive_samples: int = field(default=2, metadata={"help": "captions sampled per image for the contrastive term"})
+    # REINFORCE (the contrastive term of stage 1, and stage 2)
+    samples_per_image: int = field(default=5, metadata={"help": "stage 2: K sampled captions per image"})
     baseline: str = field(default="mean", metadata={"help": "mean (leave-one-out over K) or greedy (self-critical)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy"})
     max_new_tokens: int = field(default=40, metadata={"help": "longest sampled caption"})
@@ -255,7 +256,7 @@ def stage1_loss(cfg, train_model, model, labeled, tok, clip, tau, gen, device, a
         with autocast:
             ce = losses.caption_loss(train_model(feats, idx), tgt, model.prefix_len)
         return ce, {"loss": ce.item(), "ce": ce.item()}
-    K = cfg.samples_per_image
+    K = cfg.contrastive_samples
     with torch.no_grad():  # sample K captions per image from the current policy
         prefix = model.prefix(feats).repeat_interleave(K, dim=0)
         g = sample(model.gpt, prefix, cfg.max_new_tokens, tok.eos_id, temperature=cfg.temperature, generator=gen)

@@ -56,7 +56,7 @@ def test_train_py_under_torchrun(tmp_path, tiny_shapes):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            "--data_dir", tiny_shapes, "--out_dir", str(out), "--max_iters", "3", "--eval_interval", "1000",
-           "--batch_size", "4", "--samples_per_image", "2", "--contrastive_weight", "0.5"]
+           "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -42,7 +42,7 @@ def test_stage1_overfits_a_few_images(tmp_path, tiny_shapes):
 
 
 def test_stage1_contrastive_term_runs(tmp_path, tiny_shapes):
-    log = run(tmp_path, tiny_shapes, batch_size=4, max_iters=3, samples_per_image=2, contrastive_weight=0.5)
+    log = run(tmp_path, tiny_shapes, batch_size=4, max_iters=3, contrastive_samples=2, contrastive_weight=0.5)
     assert all(r <= 0 for r in losses_of(log, "contrastive_reward", 1))  # a log-probability
 
 
@@ -70,7 +70,7 @@ def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     args = ["--data_dir", tiny_shapes, "--max_iters", "12", "--eval_interval", "2", "--log_interval", "1",
-            "--batch_size", "4", "--samples_per_image", "2", "--contrastive_weight", "0.5"]
+            "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
     env = dict(os.environ, PYTHONPATH=ROOT)
     a = tmp_path / "a"
     subprocess.run([sys.executable, "train.py", "--out_dir", str(a)] + args, cwd=ROOT, env=env, check=True,

@@ -1,0 +1,138 @@
+"""Tests for nanocap/pretrain.py: the shapes world's toy CLIPs and GPT train, save in the real
+formats and load back through CLIPEncoder and GPT.from_pretrained. Offline, tiny, a few seconds."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanocap import decode, pretrain, shapes
+from nanocap.clip_encoder import CLIPEncoder
+from nanocap.gpt import GPT, GPTConfig
+from nanocap.losses import info_nce
+from nanocap.tokenizer import build_vocab, get_tokenizer
+
+CFG = pretrain.REWARD_CLIP_CFG
+
+
+def make_data(n, seed):
+    scenes = shapes.make_split(n, seed=seed)
+    rng = random.Random(seed)
+    images = np.stack([np.asarray(shapes.render(s)) for s in scenes])  # (n, 64, 64, 3) uint8
+    return scenes, images, [shapes.captions(s, rng) for s in scenes]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data(64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(data, tmp_path_factory):
+    """A CLIP trained for 20 steps on 64 images, saved, and loaded back by path."""
+    _, images, captions = data
+    model = pretrain.train_clip(CFG, images, captions, steps=20, batch_size=32, seed=0, progress=False)
+    folder = tmp_path_factory.mktemp("clip")
+    pretrain.save_clip(model, CFG, folder / "toy_clip.json", folder / "toy_clip.safetensors")
+    encoder = CLIPEncoder(folder / "toy_clip.json", folder / "toy_clip.safetensors")
+    return model, encoder
+
+
+@torch.no_grad()
+def clip_loss(model, images, texts):
+    image = F.normalize(model.encode_image(pretrain.to_clip_input(images)), dim=-1)
+    text = F.normalize(model.encode_text(pretrain.clip_tokenizer(CFG)(texts)), dim=-1)
+    return info_nce(image, text, model.logit_scale.exp()).item()
+
+
+def test_clip_loss_falls(data, tiny_clip):
+    _, images, captions = data
+    untrained = pretrain.train_clip(CFG, images, captions, steps=0, seed=0, progress=False)
+    texts = [c[0] for c in captions]
+    before, after = clip_loss(untrained, images, texts), clip_loss(tiny_clip[0], images, texts)
+    assert after < before - 0.5, (before, after)
+
+
+def test_saved_clip_loads_with_identical_features(data, tiny_clip):
+    _, images, captions = data
+    model, encoder = tiny_clip
+    texts = [pretrain.PROMPT + c[1] for c in captions[:8]] + ["", "a red circle " * 20]  # empty, truncated
+    with torch.no_grad():
+        image_ref = F.normalize(model.encode_image(pretrain.to_clip_input(images[:8])), dim=-1)
+        text_ref = F.normalize(model.encode_text(pretrain.clip_tokenizer(CFG)(texts)), dim=-1)
+    torch.testing.assert_close(encoder.encode_image(pretrain.to_clip_input(images[:8])), image_ref, rtol=0, atol=0)
+    torch.testing.assert_close(encoder.encode_text(texts), text_ref, rtol=0, atol=0)
+    # and the PIL path through open_clip's own preprocess gives the same image features
+    pil = [shapes.render(s) for s in data[0][:8]]
+    torch.testing.assert_close(encoder.encode_image(pil), image_ref, rtol=0, atol=0)
+
+
+def test_to_clip_input_matches_open_clip_preprocess(data, tiny_clip):
+    _, encoder = tiny_clip
+    scenes, images, _ = data
+    ours = pretrain.to_clip_input(images[:4])  # (4, 3, 64, 64)
+    theirs = torch.stack([encoder.preprocess(shapes.render(s)) for s in scenes[:4]])
+    assert ours.dtype == torch.float32 and ours.shape == (4, 3, 64, 64)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(pretrain.to_clip_input(torch.from_numpy(images[:4])), theirs)  # tensors too
+
+
+def test_trimmed_text_encoder_matches_open_clip(data, tiny_clip):
+    model, _ = tiny_clip
+    texts = [random.Random(i).choice(c) for i, c in enumerate(data[2][:16])]
+    tokens = pretrain.clip_tokenizer(CFG)(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(pretrain.encode_text(model, tokens), model.encode_text(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_training_is_deterministic(data):
+    _, images, captions = data
+    a, b, c = (pretrain.train_clip(CFG, images, captions, steps=3, batch_size=16, seed=s, progress=False)
+               for s in (1, 1, 2))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_clip_report(tiny_clip):
+    scenes, images, _ = make_data(40, seed=1)
+    report = pretrain.clip_report(tiny_clip[1], images, scenes, seed=0)
+    fractions = ["R@1", *pretrain.CORRUPTIONS]
+    scores = ["clip_s_full", "clip_s_partial", "clip_s_generic"]
+    assert set(report) == set(fractions + scores)
+    assert all(0.0 <= report[k] <= 1.0 for k in fractions)
+    assert all(0.0 <= report[k] <= 2.5 for k in scores)
+
+
+def test_param_groups_split():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = pretrain.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(4, 4)]  # only the linear weight
+    assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
+
+
+def test_lm_overfits_saves_and_writes_a_training_caption(tmp_path):
+    texts = [shapes.caption(s, random.Random(i), kind) for i, (s, kind) in
+             enumerate(zip(shapes.make_split(6, seed=2), ["full", "partial", "generic"] * 2))]
+    tokenizer = get_tokenizer("gpt2", build_vocab(texts))
+    config = GPTConfig(block_size=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=64)
+    untrained = pretrain.train_lm(texts, tokenizer, config, steps=0, progress=False)
+    model = pretrain.train_lm(texts, tokenizer, config, steps=150, batch_size=16, lr=3e-3, seed=0, progress=False)
+    before, after = pretrain.lm_perplexity(untrained, tokenizer, texts), pretrain.lm_perplexity(model, tokenizer, texts)
+    assert before > 0.5 * tokenizer.vocab_size and after < 1.5, (before, after)
+
+    pretrain.save_lm(model, tokenizer, tmp_path / "lm")
+    loaded = GPT.from_pretrained(str(tmp_path / "lm")).eval()
+    vocab = json.loads((tmp_path / "lm" / "nanocap_vocab.json").read_text())
+    tokenizer2 = get_tokenizer("gpt2", vocab)
+    assert tokenizer2.encode(texts[0]) == tokenizer.encode(texts[0])
+    assert pretrain.lm_perplexity(loaded, tokenizer2, texts) == pytest.approx(after, rel=1e-5)
+
+    with torch.no_grad():  # greedy continuation of [eos] (the BOS) is one of the training captions
+        bos = loaded.embed(torch.tensor([[tokenizer2.eos_id]]))  # (1, 1, n_embd)
+        out = decode.greedy(loaded, bos, max_new_tokens=60, eos_id=tokenizer2.eos_id)
+    assert tokenizer2.decode(out.tokens[0].tolist()) in texts

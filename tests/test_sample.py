@@ -1,0 +1,127 @@
+"""sample.py through its command line, and the image loader on every kind of file users have."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from nanocap.images import ImageError, load_image
+from nanocap.shapes import make_split, render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_shapes):
+    out = tmp_path_factory.mktemp("run")
+    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=4, eval_interval=1000,
+                            batch_size=4, contrastive_weight=0.0))
+    return str(out)
+
+
+def sample_cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_captions_a_generated_image_and_a_folder(tmp_path, tiny_run):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, scene in enumerate(make_split(3, seed=5)):
+        render(scene).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_text("not an image")
+    r = sample_cli("--out_dir", tiny_run, "--image", str(folder / "0.png"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(str(folder / "0.png") + ": ")
+    r = sample_cli("--out_dir", tiny_run, "--image", str(folder), "--method", "beam", "--beam_size", "3")
+    assert r.returncode == 1  # the bad file is reported, the good ones are still captioned
+    assert len([l for l in r.stdout.splitlines() if ": " in l]) == 3
+    assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
+    r = sample_cli("--out_dir", tiny_run, "--image", str(folder / "1.png"), "--method", "sample",
+                   "--num_captions", "3", "--top_p", "0.9")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
+
+
+def test_user_errors_get_one_line(tmp_path, tiny_run):
+    r = sample_cli("--out_dir", tiny_run, "--image", str(tmp_path / "missing.jpg"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no such file" in r.stderr
+    r = sample_cli("--out_dir", str(tmp_path), "--image", str(tmp_path / "missing.jpg"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "train.py --stage 1" in r.stderr
+
+
+def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
+    out = tmp_path / "res" / "test.json"
+    r = sample_cli("--out_dir", tiny_run, "--split", "test", "--eval", "--out_json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    scores = json.loads(out.read_text())
+    for key in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "R@5", "R@10",
+                "attr_precision", "attr_recall"):
+        assert key in scores
+    captions = json.loads((tmp_path / "res" / "test.captions.json").read_text())
+    assert set(captions[0]) == {"image_id", "caption"} and len(captions) == 16
+
+
+# ---- the image loader ----------------------------------------------------------------------
+
+def _picture():
+    a = np.zeros((20, 30, 3), dtype=np.uint8)
+    a[:, :10] = (255, 0, 0)  # a red band on the left: shows whether the picture was rotated
+    return Image.fromarray(a)
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("WEBP", "RGB"), ("GIF", "P"),
+                                      ("PNG", "L"), ("PNG", "RGBA"), ("JPEG", "CMYK"), ("PNG", "I;16")])
+def test_formats_and_modes_load_as_rgb(tmp_path, fmt, mode):
+    im = _picture()
+    im = im.convert(mode) if mode != "I;16" else Image.fromarray((np.asarray(im.convert("L")).astype(np.uint16) * 257))
+    path = tmp_path / f"x.{fmt.lower()}"
+    im.save(path, fmt)
+    out = load_image(str(path))
+    assert out.mode == "RGB" and out.size == (30, 20)
+
+
+def test_rgba_composites_on_white(tmp_path):
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "t.png")
+    assert load_image(str(tmp_path / "t.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_honoured(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    _picture().save(tmp_path / "r.jpg", exif=exif)
+    out = load_image(str(tmp_path / "r.jpg"))
+    assert out.size == (20, 30)  # upright: width and height swapped
+
+
+def test_gif_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    r, g, b = load_image(str(tmp_path / "a.gif")).getpixel((4, 4))
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"hello, I am text", "not an image")])
+def test_bad_files_raise_one_line(tmp_path, content, match):
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(content)
+    with pytest.raises(ImageError, match=match) as e:
+        load_image(str(p))
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_and_bomb_images(tmp_path, monkeypatch):
+    _picture().resize((300, 200)).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(str(tmp_path / "cut.jpg"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 300x200 is now "too many pixels"
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(str(tmp_path / "full.jpg"))
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(str(tmp_path / "nope.png"))

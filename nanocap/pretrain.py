@@ -35,6 +35,7 @@ from tqdm import tqdm
 from nanocap import shapes
 from nanocap.gpt import GPT
 from nanocap.losses import clip_s, info_nce
+from nanocap.train_utils import lr_at
 
 # -----------------------------------------------------------------------------
 # configs
@@ -90,14 +91,6 @@ def param_groups(model, weight_decay):
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warmup for `warmup` steps, then cosine decay to zero at `steps`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def autocast():
@@ -170,7 +163,7 @@ def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, pr
     bar = tqdm(range(steps), desc="train clip", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, steps, lr, warmup, floor=0.0)
         idx = next(batches)  # (B,)
         texts = [(PROMPT if rng.random() < PROMPT_PROB else "") + rng.choice(captions[i]) for i in idx.tolist()]
         pixels = to_clip_input(images[idx.numpy()]).contiguous(memory_format=torch.channels_last)  # (B, 3, 64, 64)
@@ -268,7 +261,7 @@ def train_lm(texts, tokenizer, config, steps, batch_size=32, lr=1e-3, seed=0, pr
     bar = tqdm(range(steps), desc="train lm", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, steps, lr, warmup, floor=0.0)
         pos = starts[torch.randint(len(starts), (batch_size,), generator=g)][:, None] + offsets  # (B, T)
         x, y = data[pos % len(data)], data[(pos + 1) % len(data)]  # inputs, next tokens (B, T)
         with autocast():

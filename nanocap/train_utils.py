@@ -48,12 +48,12 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
 
-def lr_at(step, total, peak, warmup):
-    """Linear warmup to `peak`, then cosine decay to peak/10 at `total`."""
+def lr_at(step, total, peak, warmup, floor=0.1):
+    """Linear warmup to `peak`, then cosine decay to floor * peak at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def repetition_rate(captions):

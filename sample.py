@@ -11,7 +11,6 @@ its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage 
 Evaluation scores with the dataset's *evaluation* CLIP, never the reward CLIP stage 2 optimized.
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field

@@ -16,7 +16,6 @@ Stage 2, unlabeled images (their captions are never read), starting from the sta
     torchrun --nproc_per_node 2 train.py --stage 1    # DDP (gloo on CPU, nccl on CUDA)
 """
 
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -27,10 +26,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanocap import data, losses
-from nanocap.captioner import Captioner, load_captioner, read_checkpoint, save_checkpoint, unwrap
+from nanocap.captioner import Captioner, load_captioner, read_checkpoint, save_checkpoint
 from nanocap.cli import parse_config, print_config
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.decode import greedy, sample, score
+from nanocap.decode import greedy, sample, score, token_logprobs
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import get_tokenizer
@@ -278,7 +277,7 @@ def stage1_loss(cfg, train_model, model, labeled, tok, clip, tau, gen, device, a
     P = model.prefix_len
     ce = losses.caption_loss(logits_all[:B], pad(tgt, -100), P)
     sample_logits = logits_all[B:, P - 1 : P - 1 + g.tokens.size(1)]  # (B*K, Tg, V)
-    logprobs = torch.log_softmax(sample_logits.float(), -1).gather(2, g.tokens[:, :, None]).squeeze(2)
+    logprobs = token_logprobs(sample_logits, g.tokens)
     rl = losses.reinforce_loss(logprobs, g.mask, reward, base)
     loss = ce + cfg.contrastive_weight * rl
     return loss, {"loss": loss.item(), "ce": ce.item(), "contrastive_reward": reward.mean().item(),
@@ -302,7 +301,7 @@ def stage2_loss(cfg, train_model, model, reference, pool, tok, clip_s, gen, devi
         ref_logits = score(reference.gpt, reference.prefix(feats_k), g.tokens)[1]
     with autocast:
         logits = train_model(feats_k, g.tokens[:, :-1])[:, model.prefix_len - 1 :]  # (B*K, T, V)
-    logprobs = torch.log_softmax(logits.float(), -1).gather(2, g.tokens[:, :, None]).squeeze(2)
+    logprobs = token_logprobs(logits, g.tokens)
     rl = losses.reinforce_loss(logprobs, g.mask, reward, base)
     kl = losses.kl_penalty(logits, ref_logits, g.mask)
     loss = rl + cfg.kl_weight * kl

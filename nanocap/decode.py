@@ -163,5 +163,9 @@ def score(gpt, prefix, tokens):
     """
     P = prefix.size(1)
     logits = gpt(idx=tokens[:, :-1], inputs_embeds=prefix)[:, P - 1 :, :]  # (N, T, V)
-    logprobs = F.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, :, None]).squeeze(2)  # (N, T)
-    return logprobs, logits
+    return token_logprobs(logits, tokens), logits
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[token] at each position: logits (N, T, V), tokens (N, T) -> (N, T)."""
+    return F.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, :, None]).squeeze(2)

@@ -1,6 +1,5 @@
 """Our GPT-2 against the reference: a tiny random transformers GPT2LMHeadModel, saved the way
 the hub stores GPT-2, loaded with GPT.from_pretrained (the minGPT test, done offline)."""
-import json
 
 import pytest
 import torch

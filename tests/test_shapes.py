@@ -1,7 +1,6 @@
 """Tests for the shapes world: scenes, renderer, caption grammar, parser and scores."""
 
 import collections
-import itertools
 import json
 import random
 import re

@@ -240,6 +240,7 @@ def main(cfg):
         plot_log(cfg.out_dir, cfg.stage)
         print(f"saved {ckpt_path} and {os.path.join(cfg.out_dir, f'stage{cfg.stage}.png')}")
     if ddp:
+        dist.barrier()  # no rank tears gloo/nccl down while another still talks to it
         dist.destroy_process_group()
 
 

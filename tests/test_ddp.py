@@ -36,6 +36,7 @@ def worker(rank, init_file, out_file):
     caption_loss(model(feats[part], idx[part]), idx[part], 3).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_file)
+    dist.barrier()  # without it a rank can tear gloo down under its peer (seen as SIGABRT in CI)
     dist.destroy_process_group()
 
 

@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo clean
+.PHONY: install test demo results clean
 
 install: $(VENV)/.installed
 
@@ -27,10 +27,27 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --nbmake tests notebooks
 
 demo: install
-	$(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
-	$(PY) train.py --stage 1                  # 2% of the labels
-	$(PY) train.py --stage 2                  # the unlabeled 98%, CLIP-S reward
-	$(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
+	HF_HUB_OFFLINE=1 $(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
+	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1                  # 2% of the labels
+	HF_HUB_OFFLINE=1 $(PY) train.py --stage 2                  # the unlabeled 98%, CLIP-S reward
+	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
+
+# The README's results table on the shapes test split: the demo's runs (a) and (b) (made first
+# if missing), (c) full supervision and (d) lambda = 0 (about 20 minutes), every row scored.
+EVAL := HF_HUB_OFFLINE=1 $(PY) sample.py --split test --eval
+results: install
+	test -f out/shapes/stage2.pt || $(MAKE) demo
+	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1 --config configs/shapes_full.json
+	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1 --config configs/shapes_clipcap.json
+	$(EVAL) --ckpt out/shapes/stage1.pt      --out_json results/a_stage1_2pct.json
+	$(EVAL) --ckpt out/shapes/stage2.pt      --out_json results/b_stage2.json
+	$(EVAL) --ckpt out/shapes_full/stage1.pt --out_json results/c_full.json
+	$(EVAL) --ckpt out/shapes_clipcap/stage1.pt --out_json results/d_clipcap.json
+	$(EVAL) --ckpt out/shapes/stage1.pt --references --out_json results/e_references.json
+	$(PY) sample.py --table results/a_stage1_2pct.json results/b_stage2.json results/c_full.json \
+	    results/d_clipcap.json results/e_references.json
+	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 6 --grid assets/examples.png \
+	    --ckpts out/shapes/stage1.pt out/shapes/stage2.pt out/shapes_full/stage1.pt
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -5,6 +5,8 @@ Caption images with a trained nanocap checkpoint, or caption a whole split and s
     python sample.py --image a.jpg b.png photos/ --method beam --beam_size 5
     python sample.py --image x.jpg --method sample --num_captions 5 --top_p 0.9
     python sample.py --split test --eval --out_json results/test.json
+    python sample.py --split test --compare 8            # stage-1 and stage-2 captions side by side
+    python sample.py --table results/*.json              # score files as one markdown table
 
 The checkpoint names its CLIP (model and weights), whether the features are normalized, and
 its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage in --out_dir.
@@ -48,7 +50,10 @@ class Config:
     eval: bool = field(default=False, metadata={"help": "with --split: score the captions"})
     out_json: str = field(default="", metadata={"help": "with --eval: write the scores here (captions beside it)"})
     references: bool = field(default=False, metadata={"help": "with --eval: score reference 1 against the other 4"})
-    compare: int = field(default=0, metadata={"help": "with --split: print this many images' stage-1 and stage-2 captions side by side"})
+    compare: int = field(default=0, metadata={"help": "with --split: print this many images' captions by each of --ckpts side by side"})
+    ckpts: list[str] = field(default_factory=list, metadata={"help": "with --compare: checkpoints (default: out_dir's stage1.pt and stage2.pt)"})
+    grid: str = field(default="", metadata={"help": "with --compare: also draw the images and captions to this PNG"})
+    table: list[str] = field(default_factory=list, metadata={"help": "score files written by --eval --out_json: print them as one markdown table"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -83,6 +88,8 @@ def caption_images(cfg, model, ckpt, tok, device):
             names.append(f)
         except ImageError as e:
             errors.append(str(e))
+    if not images and len(errors) == 1:
+        raise SystemExit(f"error: {errors[0]}")  # one bad input: its reason is the whole message
     for e in errors:
         print(f"skipped: {e}", file=sys.stderr)
     if not images:
@@ -99,7 +106,7 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     from nanocap import metrics
     data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
     meta = data.read_json(os.path.join(data_dir, "meta.json"))
-    in_data = lambda p: p if os.path.isabs(p) else os.path.join(data_dir, p)
+    in_data = lambda p: data.in_data_dir(data_dir, p)  # names such as ViT-B-32-quickgelu stay names
     split_dir = data.split_dir(data_dir, cfg.split)
     records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))
     references = [r["captions"] for r in records]
@@ -131,34 +138,89 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     return 0
 
 
-def compare_stages(cfg, tok, device):
-    """The first `compare` images of a split: a reference, then the stage-1 and stage-2 captions."""
+def compare_checkpoints(cfg, device):
+    """The first `compare` images of a split: a reference, then each checkpoint's caption."""
+    paths = cfg.ckpts or [os.path.join(cfg.out_dir, f"stage{s}.pt") for s in (1, 2)]
     columns = {}
-    for stage in (1, 2):
-        model, ckpt = load_captioner(os.path.join(cfg.out_dir, f"stage{stage}.pt"), device)
+    for path in paths:
+        try:
+            model, ckpt = load_captioner(path, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
         data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
         split_dir = data.split_dir(data_dir, cfg.split)
         feats = data.load_features(os.path.join(split_dir, "features.safetensors"))[: cfg.compare]
-        columns[stage] = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
+        tok = get_tokenizer(**ckpt["tokenizer"])
+        # a short label: "stage 1", or "shapes_full/stage1" when the checkpoints come from several runs
+        label = os.path.basename(path)[:-3].replace("stage", "stage ")
+        if len({os.path.dirname(p) for p in paths}) > 1:
+            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)[:-3])
+        columns[label] = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
     records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))[: cfg.compare]
-    for r, c1, c2 in zip(records, columns[1], columns[2]):
-        print(f"{r['image']}\n  reference: {r['captions'][0]}\n  stage 1:   {c1}\n  stage 2:   {c2}")
+    width = max(len(k) for k in columns) + 1
+    for i, r in enumerate(records):
+        print(r["image"] + f"\n  {'reference:':<{width}} {r['captions'][0]}")
+        for label, caps in columns.items():
+            print(f"  {label + ':':<{width}} {caps[i]}")
+    if cfg.grid:
+        draw_grid(cfg.grid, [load_image(data.image_path(data_dir, cfg.split, r)) for r in records],
+                  [[f"{k}: {v[i]}" for k, v in columns.items()] for i in range(len(records))])
+    return 0
+
+
+def draw_grid(path, images, texts):
+    """One row per image: the image, then its captions as lines of text. Saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(images), 2, figsize=(11, 1.3 * len(images)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 7]})
+    for (ax_img, ax_txt), im, lines in zip(axes, images, texts):
+        ax_img.imshow(im)
+        ax_txt.text(0, 0.5, "\n".join(lines), va="center", fontsize=9, family="monospace")
+        ax_img.axis("off")
+        ax_txt.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+TABLE_COLUMNS = ["BLEU-4", "METEOR", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "attr_precision", "attr_recall", "distinct"]
+
+
+def print_table(files):
+    """Score files (from --eval --out_json) as one markdown table, a row per file, README columns."""
+    rows = []
+    for f in files:
+        try:
+            scores = data.read_json(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read scores from {f}: {e}")
+        rows.append([os.path.basename(f)[:-5] if f.endswith(".json") else f]
+                    + [f"{scores[c]:.1f}" if c in scores else "–" for c in TABLE_COLUMNS])
+    print("| run | " + " | ".join(TABLE_COLUMNS) + " |")
+    print("|---" * (len(TABLE_COLUMNS) + 1) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
     return 0
 
 
 def main(cfg):
+    if cfg.table:
+        return print_table(cfg.table)
     if not cfg.image and not cfg.split:
         raise SystemExit("error: nothing to caption; pass --image FILE_OR_FOLDER ... or --split test --eval")
     if cfg.method not in ("greedy", "beam", "sample"):
         raise SystemExit(f"error: unknown --method {cfg.method!r}; use greedy, beam or sample")
     device = pick_device(cfg.device)
+    if cfg.split and cfg.compare:
+        return compare_checkpoints(cfg, device)
     try:
         model, ckpt = load_captioner(cfg.ckpt or latest_checkpoint(cfg.out_dir), device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     tok = get_tokenizer(**ckpt["tokenizer"])
-    if cfg.split and cfg.compare:
-        return compare_stages(cfg, tok, device)
     if cfg.split:
         return evaluate_split(cfg, model, ckpt, tok, device)
     return caption_images(cfg, model, ckpt, tok, device)

@@ -1,6 +1,7 @@
 """sample.py through its command line, and the image loader on every kind of file users have."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,6 +65,39 @@ def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
         assert key in scores
     captions = json.loads((tmp_path / "res" / "test.captions.json").read_text())
     assert set(captions[0]) == {"image_id", "caption"} and len(captions) == 16
+
+
+def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run):
+    grid = tmp_path / "cmp.png"
+    ckpt = os.path.join(tiny_run, "stage1.pt")
+    (tmp_path / "copy").mkdir()
+    shutil.copy(ckpt, tmp_path / "copy" / "stage1.pt")  # two runs: labels become run/stage1, copy/stage1
+    r = sample_cli("--split", "test", "--compare", "3", "--ckpts", ckpt, str(tmp_path / "copy" / "stage1.pt"),
+                   "--grid", str(grid))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert sum(l.startswith("images/") for l in lines) == 3
+    assert sum(l.strip().startswith("reference:") for l in lines) == 3
+    assert sum(l.strip().startswith("copy/stage1:") for l in lines) == 3
+    assert sum("/stage1:" in l for l in lines) == 6  # two columns, three images
+    assert Image.open(grid).format == "PNG"
+    r = sample_cli("--split", "test", "--compare", "2", "--ckpts", str(tmp_path / "nope.pt"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_table_collects_score_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"BLEU-4": 12.345, "CIDEr": 100.0, "distinct": 50}))
+    (tmp_path / "b.json").write_text(json.dumps({"CIDEr": 7.0}))
+    r = sample_cli("--table", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert r.returncode == 0, r.stderr
+    header, rule, a, b = r.stdout.strip().splitlines()
+    assert header.split("|")[1].strip() == "run" and "CIDEr" in header
+    cells = lambda row: [c.strip() for c in row.strip("|").split("|")]
+    cols = cells(header)
+    assert cells(a)[0] == "a" and cells(a)[cols.index("BLEU-4")] == "12.3" and cells(a)[cols.index("CIDEr")] == "100.0"
+    assert cells(b)[cols.index("BLEU-4")] == "–" and cells(b)[cols.index("CIDEr")] == "7.0"
+    r = sample_cli("--table", str(tmp_path / "missing.json"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "missing.json" in r.stderr
 
 
 # ---- the image loader ----------------------------------------------------------------------

@@ -168,21 +168,25 @@ def compare_checkpoints(cfg, device):
     return 0
 
 
-def draw_grid(path, images, texts):
-    """One row per image: the image, then its captions as lines of text. Saved as a PNG."""
+def draw_grid(path, images, texts, wrap=100):
+    """One row per image: the image, then its captions as wrapped lines of text. Saved as a PNG."""
+    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(images), 2, figsize=(11, 1.3 * len(images)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 7]})
-    for (ax_img, ax_txt), im, lines in zip(axes, images, texts):
-        ax_img.imshow(im)
-        ax_txt.text(0, 0.5, "\n".join(lines), va="center", fontsize=9, family="monospace")
+    blocks = ["\n".join(textwrap.fill(t, wrap, subsequent_indent="    ") for t in lines) for lines in texts]
+    heights = [max(1.3, 0.16 * (b.count("\n") + 1) + 0.3) for b in blocks]  # inches per row
+    fig, axes = plt.subplots(len(images), 2, figsize=(12, sum(heights)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 7], "height_ratios": heights})
+    for (ax_img, ax_txt), im, block in zip(axes, images, blocks):
+        ax_img.imshow(im, interpolation="nearest")
+        ax_txt.text(0, 0.5, block, va="center", fontsize=8.5, family="monospace")
         ax_img.axis("off")
         ax_txt.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

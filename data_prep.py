@@ -3,6 +3,11 @@ Make a dataset in nanocap's layout (nanocap/data.py): captions, CLIP features, a
 shapes world its toy foundation models.
 
     python data_prep.py                       # the shapes world, the default: offline, CPU, minutes
+    python data_prep.py --dataset coco --coco_root coco --karpathy_json dataset_coco.json
+    python data_prep.py --dataset folder --images photos/ --captions captions.jsonl
+
+COCO (Karpathy split) and your own folder are nanocap/real_data.py: CLIP ViT-B-32-quickgelu with
+the openai weights by default (--clip, --clip_weights), each image encoded once, shard by shard.
 
 The shapes world replicates the setting of Jin (arXiv 2306.15111) at CPU size: foundation models
 pretrained on lots of *other* data (a "web" split the captioner never sees), few labels, many
@@ -29,19 +34,37 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nanocap import data, pretrain, shapes
+from nanocap import data, pretrain, real_data, shapes
 from nanocap.cli import parse_config, print_config
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.gpt import GPT, GPTConfig
+from nanocap.real_data import encode_images
 from nanocap.tokenizer import build_vocab, get_tokenizer
 
 
 @dataclass
 class Config:
-    """Make a dataset: the shapes world (default)."""
-    dataset: str = field(default="shapes", metadata={"help": "shapes (offline toy world)"})
+    """Make a dataset: the shapes world (default), COCO's Karpathy split, or your own folder."""
+    dataset: str = field(default="shapes", metadata={"help": "shapes (offline toy world), coco (Karpathy split) or folder (your images)"})
     data_dir: str = field(default="", metadata={"help": "output folder; default data/<dataset>"})
     seed: int = field(default=1337, metadata={"help": "everything below is a function of this seed"})
+    # coco and folder (nanocap/real_data.py)
+    coco_root: str = field(default="", metadata={"help": "coco: the folder holding train2014/ and val2014/"})
+    karpathy_json: str = field(default="", metadata={"help": "coco: Karpathy's dataset_coco.json (113,287 / 5,000 / 5,000 images)"})
+    images: str = field(default="", metadata={"help": "folder: your images (searched recursively)"})
+    captions: str = field(default="", metadata={"help": 'folder: captions.jsonl, one {"image": ..., "captions": [...]} per line'})
+    val_fraction: float = field(default=0.05, metadata={"help": "folder: share of the captioned images for validation (at least 1)"})
+    test_fraction: float = field(default=0.05, metadata={"help": "folder: share of the captioned images for test (at least 1)"})
+    clip: str = field(default="", metadata={"help": "coco/folder: CLIP that embeds the images ('' = ViT-B-32-quickgelu)"})
+    clip_weights: str = field(default="", metadata={"help": "coco/folder: open_clip tag or weights file ('' = openai)"})
+    eval_clip: str = field(default="", metadata={"help": "coco/folder: CLIP that scores captions in sample.py --eval ('' = --clip)"})
+    eval_clip_weights: str = field(default="", metadata={"help": "coco/folder: its tag or file ('' = --clip_weights if --eval_clip is --clip, else openai)"})
+    gpt: str = field(default="", metadata={"help": "coco/folder: GPT train.py starts from: gpt2, gpt2-medium, a HF folder, none ('' = gpt2)"})
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"], metadata={"help": "coco/folder: the splits to write"})
+    max_images: int = field(default=0, metadata={"help": "coco/folder: at most this many images per split, for a trial (0: all)"})
+    shard_size: int = field(default=5000, metadata={"help": "coco/folder: images per feature shard; a rerun reuses finished shards"})
+    device: str = field(default="auto", metadata={"help": "coco/folder: where CLIP runs: auto, cpu, cuda, mps"})
+    # the shapes world
     n_web: int = field(default=20000, metadata={"help": "shapes: web images, for the toy CLIPs and GPT only"})
     n_train: int = field(default=10000, metadata={"help": "shapes: train images (labeled fraction + unlabeled pool)"})
     n_val: int = field(default=500, metadata={"help": "shapes: validation images"})
@@ -51,7 +74,7 @@ class Config:
     clip_lr: float = field(default=5e-4, metadata={"help": "shapes: peak learning rate of both CLIPs"})
     lm_steps: int = field(default=600, metadata={"help": "shapes: toy GPT training steps"})
     batch_size: int = field(default=256, metadata={"help": "images per batch when encoding features"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers for reading images"})
+    num_workers: int = field(default=-1, metadata={"help": "DataLoader workers reading images (-1: 0 for shapes, else min(8, CPUs))"})
     grid: str = field(default="", metadata={"help": "instead: draw 8 train images and their captions to this PNG"})
 
 
@@ -83,52 +106,14 @@ def load_split(cfg, split):
     return records, images
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Reads and preprocesses images for feature encoding; an unreadable file yields None."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.paths[i]) as im:
-                return i, self.preprocess(im.convert("RGB"))
-        except Exception:
-            return i, None
-
-
-def _collate(batch):
-    ok = [(i, x) for i, x in batch if x is not None]
-    bad = [i for i, x in batch if x is None]
-    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    return idx, (torch.stack([x for _, x in ok]) if ok else None), bad
-
-
-def encode_images(encoder, paths, batch_size, num_workers, desc):
-    """CLIP features (N, D) of image files, each read and encoded once; rows of unreadable files
-    stay zero and their indices are returned, so the caller can report and drop them."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, encoder.preprocess), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate)
-    features = torch.zeros(len(paths), encoder.embed_dim)
-    bad = []
-    for idx, x, bad_idx in tqdm(loader, desc=desc, leave=False):
-        bad += bad_idx
-        if x is not None:
-            features[idx] = encoder.encode_image(x).cpu()
-    return features, bad
-
-
 def write_features(cfg, split, encoder, filename, clip_name, clip_weights):
     path = os.path.join(data.split_dir(cfg.data_dir, split), filename)
     if os.path.exists(path):
         return
     records = data.read_jsonl(os.path.join(data.split_dir(cfg.data_dir, split), "captions.jsonl"))
     paths = [data.image_path(cfg.data_dir, split, r) for r in records]
-    feats, bad = encode_images(encoder, paths, cfg.batch_size, cfg.num_workers, f"encode {split}")
-    assert not bad, f"unreadable rendered images: {bad[:5]}"
+    feats, bad = encode_images(encoder, paths, cfg.batch_size, max(cfg.num_workers, 0), f"encode {split}")
+    assert not bad, f"unreadable rendered images: {bad[:5]}"  # [(index, reason)]
     data.save_features(path, feats, clip=clip_name, clip_weights=clip_weights, normalized=True)
 
 
@@ -199,7 +184,7 @@ def summarize(cfg, encoders, gpt_dir, t0):
     for role, rep in reports.items():
         print(f"{role + ' CLIP':<20}" + "".join(f"{rep[k]:>{len(k) + 2}.3f}" for k in keys))
     print(f"toy GPT ({lm.num_params() / 1e6:.2f}M params): validation perplexity {ppl:.2f}")
-    print(f"wall time: {summary['wall_time_s']:.0f} s (steps already done were skipped)")
+    print(f"wall time: {summary['wall_time_s']:.0f} s")
 
 
 def draw_grid(cfg):
@@ -225,17 +210,28 @@ def _wrap(text, width):
     return "\n".join(textwrap.wrap(text, width))
 
 
-def main():
-    cfg = parse_config(Config)
+def main(argv=None):
+    cfg = parse_config(Config, argv)
     if not cfg.data_dir:
         cfg.data_dir = os.path.join("data", cfg.dataset)
+    if cfg.dataset in ("coco", "folder"):  # the real recipe: CLIP ViT-B/32 (OpenAI) and GPT-2 124M
+        cfg.clip = cfg.clip or "ViT-B-32-quickgelu"
+        cfg.clip_weights = cfg.clip_weights or "openai"
+        cfg.eval_clip = cfg.eval_clip or cfg.clip
+        cfg.eval_clip_weights = cfg.eval_clip_weights or (cfg.clip_weights if cfg.eval_clip == cfg.clip else "openai")
+        cfg.gpt = cfg.gpt or "gpt2"
+    elif cfg.clip or cfg.clip_weights or cfg.eval_clip or cfg.eval_clip_weights or cfg.gpt:
+        raise SystemExit("error: the shapes world trains its own toy CLIPs and GPT; --clip, --clip_weights, "
+                         "--eval_clip, --eval_clip_weights and --gpt are for --dataset coco or folder")
     print_config(cfg)
     if cfg.grid:
         draw_grid(cfg)
     elif cfg.dataset == "shapes":
         prepare_shapes(cfg)
+    elif cfg.dataset in ("coco", "folder"):
+        real_data.prepare(cfg)
     else:
-        raise SystemExit(f"error: unknown --dataset {cfg.dataset!r}; use shapes")
+        raise SystemExit(f"error: unknown --dataset {cfg.dataset!r}; use shapes, coco or folder")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Config:
     eval: bool = field(default=False, metadata={"help": "with --split: score the captions"})
     out_json: str = field(default="", metadata={"help": "with --eval: write the scores here (captions beside it)"})
     references: bool = field(default=False, metadata={"help": "with --eval: score reference 1 against the other 4"})
+    spice: bool = field(default=True, metadata={"help": "with --eval: SPICE too when its Java models are (or can be) downloaded; skipped with a message otherwise"})
     compare: int = field(default=0, metadata={"help": "with --split: print this many images' captions by each of --ckpts side by side"})
     ckpts: list[str] = field(default_factory=list, metadata={"help": "with --compare: checkpoints (default: out_dir's stage1.pt and stage2.pt)"})
     grid: str = field(default="", metadata={"help": "with --compare: also draw the images and captions to this PNG"})
@@ -126,7 +127,7 @@ def evaluate_split(cfg, model, ckpt, tok, device):
                                 for i in range(0, len(records), cfg.batch_size)])
     scenes = [r["scene"] for r in records] if all("scene" in r for r in records) else None
     scores = metrics.evaluate_captions(candidates, references, clip=eval_clip, image_features=eval_feats,
-                                       scenes=scenes, prompt=meta.get("clip_prompt", "a photo depicts"))
+                                       scenes=scenes, spice=cfg.spice, prompt=meta.get("clip_prompt", "a photo depicts"))
     print(metrics.format_table(scores))
     if cfg.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out_json)), exist_ok=True)

@@ -13,6 +13,7 @@ Stage 2, unlabeled images (their captions are never read), starting from the sta
 
     python train.py --stage 1
     python train.py --stage 2                  # from out_dir/stage1.pt
+    python train.py --stage 1 --config configs/coco_mlp.json    # COCO: ClipCap's MLP recipe, 2% of labels
     torchrun --nproc_per_node 2 train.py --stage 1    # DDP (gloo on CPU, nccl on CUDA)
 """
 
@@ -47,6 +48,8 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue this stage from out_dir/stage<N>.pt"})
     seed: int = field(default=1337, metadata={"help": "labeled split, batches and sampling"})
     # model (stage 1; stage 2 takes its model from the stage-1 checkpoint)
+    clip: str = field(default="", metadata={"help": "'' = the dataset's CLIP; if given, it must be the CLIP the features come from"})
+    clip_weights: str = field(default="", metadata={"help": "'' = the dataset's CLIP weights (tag or file); checked like --clip"})
     gpt: str = field(default="", metadata={"help": "'' = the dataset's GPT, a GPT-2 name or HF folder, or 'none' (from scratch)"})
     gpt_n_layer: int = field(default=4, metadata={"help": "--gpt none: layers"})
     gpt_n_embd: int = field(default=128, metadata={"help": "--gpt none: width"})
@@ -55,7 +58,7 @@ class Config:
     mapper_layers: int = field(default=8, metadata={"help": "transformer mapper: layers"})
     finetune_gpt: bool = field(default=True, metadata={"help": "train GPT too (ClipCap MLP recipe), or freeze it"})
     # data
-    labeled_fraction: float = field(default=0.02, metadata={"help": "share of train images whose captions stage 1 uses"})
+    labeled_fraction: float = field(default=0.02, metadata={"help": "share of the captioned train images whose captions stage 1 uses"})
     max_caption_tokens: int = field(default=48, metadata={"help": "longer captions are cut"})
     # stage 1 optimization
     batch_size: int = field(default=32, metadata={"help": "images per step and process (stage 1)"})
@@ -108,24 +111,38 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, f"stage{cfg.stage}.pt")
 
     # ---- data: the labeled fraction for stage 1, the rest (features only) for stage 2 -------
+    if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
+        raise SystemExit(f"error: no dataset in {cfg.data_dir} (no meta.json); make one with data_prep.py first")
     meta = data.read_json(os.path.join(cfg.data_dir, "meta.json"))
-    in_data = lambda p: p if os.path.isabs(p) or not p else os.path.join(cfg.data_dir, p)
+    in_data = lambda p: data.in_data_dir(cfg.data_dir, p)
+    clip_info = {"name": in_data(meta["clip"]), "weights": in_data(meta["clip_weights"]),
+                 "normalized": meta["features_normalized"]}
+    check_clip(cfg, clip_info)
     train_feats = data.load_features(os.path.join(cfg.data_dir, "train", "features.safetensors"))
-    labeled_idx, unlabeled_idx = data.labeled_split(len(train_feats), cfg.labeled_fraction, cfg.seed)
+    # own folders: captioned train images come first, the uncaptioned ones are always unlabeled
+    labeled_idx, unlabeled_idx = data.labeled_split(len(train_feats), cfg.labeled_fraction, cfg.seed,
+                                                    meta.get("train_captioned"))
+    if not (labeled_idx if cfg.stage == 1 else unlabeled_idx):
+        raise SystemExit(f"error: stage {cfg.stage} needs {'captioned' if cfg.stage == 1 else 'unlabeled'} train images "
+                         f"and {cfg.data_dir} leaves none at --labeled_fraction {cfg.labeled_fraction}")
     if cfg.stage == 1:
         records = data.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))
         labeled = data.Captioned(train_feats[labeled_idx], [records[i]["captions"] for i in labeled_idx])
+        if not all(labeled.captions):
+            raise SystemExit(f"error: {cfg.data_dir}/train has uncaptioned images before meta.json's train_captioned; "
+                             f"re-run data_prep.py")
         del records  # only the labeled captions are kept
     else:
         pool = data.Unlabeled(train_feats[unlabeled_idx])  # features only: captions are unreachable
     val_records = data.read_jsonl(os.path.join(cfg.data_dir, "val", "captions.jsonl"))
     val = data.Captioned(data.load_features(os.path.join(cfg.data_dir, "val", "features.safetensors")),
                          [r["captions"] for r in val_records])
-    clip_info = {"name": in_data(meta["clip"]), "weights": in_data(meta["clip_weights"]),
-                 "normalized": meta["features_normalized"]}
 
     # ---- model: new (stage 1), from a checkpoint (stage 2), or resumed --------------------------
-    resume = read_checkpoint(ckpt_path) if cfg.resume else None
+    try:
+        resume = read_checkpoint(ckpt_path) if cfg.resume else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     if cfg.stage == 1:
         gpt_spec = cfg.gpt or in_data(meta["gpt"])
         if gpt_spec == "none":
@@ -142,12 +159,17 @@ def main(cfg):
         start = None
     else:
         start = cfg.init_from or os.path.join(cfg.out_dir, "stage1.pt")
-        model, start_ckpt = load_captioner(start)
+        try:
+            model, start_ckpt = load_captioner(start)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        check_checkpoint(cfg, start, start_ckpt, clip_info)
         tok = get_tokenizer(**start_ckpt["tokenizer"])
         reference = Captioner.from_args(start_ckpt["model_args"])  # the frozen stage-1 policy, for the KL
         reference.load_state_dict(start_ckpt["model"])
         reference.to(device).eval().requires_grad_(False)
     if resume is not None:
+        check_checkpoint(cfg, ckpt_path, resume, clip_info, model)
         model.load_state_dict(resume["model"], strict=True)
     # stage 2 trains GPT exactly when stage 1 did: it continues the same policy
     model.gpt.requires_grad_(cfg.finetune_gpt if cfg.stage == 1 else start_ckpt["config"]["finetune_gpt"])
@@ -242,6 +264,37 @@ def main(cfg):
     if ddp:
         dist.barrier()  # no rank tears gloo/nccl down while another still talks to it
         dist.destroy_process_group()
+
+
+def _same(a, b):
+    """Two CLIP names, tags or paths that mean the same thing."""
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def check_checkpoint(cfg, path, ckpt, clip_info, model=None):
+    """A checkpoint to continue from must have been trained on this dataset's CLIP features and,
+    when resuming, describe the same model as the flags; otherwise say so in one line."""
+    theirs = ckpt["clip"]
+    if not (_same(theirs["name"], clip_info["name"]) and _same(theirs["weights"], clip_info["weights"])):
+        raise SystemExit(f"error: {path} was trained on features of CLIP {theirs['name']} ({theirs['weights']}), but "
+                         f"{cfg.data_dir} holds features of CLIP {clip_info['name']} ({clip_info['weights']}); "
+                         f"pass the --data_dir it was trained on")
+    if model is not None and ckpt["model_args"] != model.model_args():
+        ours = model.model_args()
+        diff = [f"{k} {ckpt['model_args'][part].get(k)} in the checkpoint, {ours[part].get(k)} from the flags"
+                for part in ours for k in ours[part] if ckpt["model_args"][part].get(k) != ours[part].get(k)]
+        raise SystemExit(f"error: {path} was made with a different model ({'; '.join(diff)}); resume with the "
+                         f"flags it was made with (its config is saved in it), or start afresh in a new --out_dir")
+
+
+def check_clip(cfg, clip_info):
+    """--clip / --clip_weights, when given, must name the CLIP that made the dataset's features."""
+    if ((cfg.clip and not _same(cfg.clip, clip_info["name"]))
+            or (cfg.clip_weights and not _same(cfg.clip_weights, clip_info["weights"]))):
+        raise SystemExit(f"error: the features in {cfg.data_dir} come from CLIP {clip_info['name']} ({clip_info['weights']}), "
+                         f"not {cfg.clip or clip_info['name']} ({cfg.clip_weights or clip_info['weights']}); the captioner must "
+                         f"be trained on its own CLIP's features: run `python data_prep.py --clip {cfg.clip or clip_info['name']} "
+                         f"--clip_weights {cfg.clip_weights or clip_info['weights']} --data_dir NEW_DIR ...` and train with --data_dir NEW_DIR")
 
 
 def stage1_loss(cfg, train_model, model, labeled, tok, clip, tau, gen, device, autocast):

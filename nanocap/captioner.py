@@ -14,6 +14,7 @@ are written atomically, and load strictly with torch.load(weights_only=True).
 """
 
 import os
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -74,7 +75,9 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py --stage 1`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4 detected": the outcome speaks for itself
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, RuntimeError for a truncated file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a safe nanocap checkpoint (loaded with weights_only=True): {first}") from None

@@ -10,8 +10,12 @@ The on-disk dataset layout that every source shares: the shapes world, COCO, and
       <split>/features.safetensors     {"features": (N, D) float16}, row i = line i of captions.jsonl,
                                        each image encoded once (ClipCap encoded each one 5 times)
 
-An image without captions (`"captions": []`) can only serve as unlabeled data. Writes are atomic:
-a temporary file, then a rename, so a killed run never leaves a half-written file behind.
+An image without captions (`"captions": []`) can only serve as unlabeled data. In train, such
+images come after all captioned ones, and meta["train_captioned"] says how many captioned ones
+there are (absent: all), so stage 2 knows its pool without reading a caption. Paths in meta.json
+are relative to the dataset folder, absolute, or names (gpt2, ViT-B-32-quickgelu, openai).
+Writes are atomic: a temporary file, then a rename, so a killed run never leaves a half-written
+file behind.
 """
 
 import json
@@ -44,9 +48,10 @@ def write_jsonl(path, records):
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def read_jsonl(path):
-    """Records of a captions.jsonl. Raises ValueError naming the line of a malformed record."""
-    records = []
+def parse_jsonl(path):
+    """(records, problems) of a captions.jsonl: the well-formed records, and one "file:line: what is
+    wrong" message per malformed line, which is left out."""
+    records, problems = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -54,10 +59,23 @@ def read_jsonl(path):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                problems.append(f"{path}:{n}: not valid JSON ({e.msg})")
+                continue
+            captions = r.get("captions", []) if isinstance(r, dict) else None
             if not isinstance(r, dict) or not isinstance(r.get("image"), str):
-                raise ValueError(f'{path}:{n}: expected {{"image": ..., "captions": [...]}}')
-            records.append(r)
+                problems.append(f'{path}:{n}: expected {{"image": ..., "captions": [...]}}')
+            elif not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                problems.append(f'{path}:{n}: "captions" must be a list of strings')
+            else:
+                records.append(r)
+    return records, problems
+
+
+def read_jsonl(path):
+    """Records of a captions.jsonl. Raises ValueError naming the line of the first malformed record."""
+    records, problems = parse_jsonl(path)
+    if problems:
+        raise ValueError(problems[0])
     return records
 
 
@@ -83,13 +101,24 @@ def image_path(data_dir, split, record):
     return p if os.path.isabs(p) else os.path.join(data_dir, split, p)
 
 
-def labeled_split(n, fraction, seed):
-    """Choose round(fraction * n) of n images as the labeled set, by seed. Returns (labeled, unlabeled)
-    index lists, both sorted; the same (n, fraction, seed) always gives the same split."""
-    k = max(1, round(fraction * n)) if fraction > 0 else 0
-    order = list(range(n))
+def in_data_dir(data_dir, p):
+    """A path or name from meta.json, made usable: a path relative to the dataset folder is joined
+    to it; absolute paths and names ('gpt2', 'ViT-B-32-quickgelu', 'openai') stay as they are."""
+    if not p or os.path.isabs(p) or not os.path.exists(os.path.join(data_dir, p)):
+        return p
+    return os.path.join(data_dir, p)
+
+
+def labeled_split(n, fraction, seed, n_captioned=None):
+    """Choose round(fraction * n_captioned) of the first n_captioned of n images as the labeled set,
+    by seed; images n_captioned..n-1 have no captions and are always unlabeled (default: all n are
+    captioned). Returns (labeled, unlabeled) index lists, both sorted; the same arguments always
+    give the same split."""
+    m = n if n_captioned is None else n_captioned
+    k = max(1, round(fraction * m)) if fraction > 0 and m > 0 else 0
+    order = list(range(m))
     random.Random(seed).shuffle(order)
-    return sorted(order[:k]), sorted(order[k:])
+    return sorted(order[:k]), sorted(order[k:]) + list(range(m, n))
 
 
 class Captioned:

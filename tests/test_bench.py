@@ -1,0 +1,15 @@
+"""bench.py runs at tiny sizes and writes every ratio the README's performance table quotes.
+(Speed targets are checked by reading bench.py's output, never by a timed test.)"""
+import json
+
+import bench
+
+
+def test_bench_quick_writes_every_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(bench.Config(quick=True, out=str(out), repeats=1))
+    r = json.loads(out.read_text())
+    for key in ("train_step_vs_hf", "greedy_vs_hf", "greedy_vs_nocache", "beam5_vs_hf", "precompute_vs_bare"):
+        assert r[key] > 0
+    assert r["device"] and r["decoding"]["greedy_tokens_agree"] == 1.0  # same weights, same greedy tokens
+    assert r["stage2_step"]["images_per_s"] > 0

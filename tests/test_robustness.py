@@ -1,0 +1,142 @@
+"""Bad input gets one clear line, and no run loses work: sample.py on every kind of bad file,
+checkpoints that carry code or do not fit, and a loss that becomes NaN."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from nanocap import losses
+from nanocap.captioner import read_checkpoint
+from nanocap.shapes import make_split, render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_shapes):
+    out = tmp_path_factory.mktemp("run")
+    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=2, eval_interval=1000,
+                            batch_size=4, contrastive_weight=0.0))
+    return str(out)
+
+
+def cli(script, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+# ---- sample.py: every bad input is one line on stderr and a non-zero exit ----------------------
+
+def _bad_files(folder):
+    """name -> (path, a word the message must contain)"""
+    folder.mkdir(exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("hello, I am a text file")
+    good = folder / "ok.jpg"
+    render(make_split(1, seed=3)[0]).resize((200, 200)).save(good, quality=95)
+    (folder / "cut.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    Image.new("1", (10000, 10000)).save(folder / "bomb.png")  # 100M pixels, a few KB on disk
+    (folder / "vector.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>')
+    return {"missing": (folder / "nope.jpg", "no such file"), "empty": (folder / "empty.jpg", "empty"),
+            "text": (folder / "text.jpg", "not an image"), "truncated": (folder / "cut.jpg", "truncated"),
+            "bomb": (folder / "bomb.png", "decompression bomb"), "unsupported": (folder / "vector.svg", "not an image")}
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated", "bomb", "unsupported"])
+def test_sample_bad_image_is_one_line(tmp_path, tiny_run, kind):
+    path, word = _bad_files(tmp_path / "bad")[kind]
+    assert_one_line_error(cli("sample.py", "--out_dir", tiny_run, "--image", str(path)), str(path), word)
+
+
+def test_sample_folder_without_images_is_one_line(tmp_path, tiny_run):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("no pictures here")
+    assert_one_line_error(cli("sample.py", "--out_dir", tiny_run, "--image", str(tmp_path / "docs")), "no images")
+
+
+def test_sample_bad_files_in_a_batch_are_skipped(tmp_path, tiny_run):
+    bad = _bad_files(tmp_path / "bad")
+    good = tmp_path / "bad" / "ok.jpg"
+    r = cli("sample.py", "--out_dir", tiny_run, "--image", str(good), *[str(p) for p, _ in bad.values()])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert [l.split(": ")[0] for l in r.stdout.splitlines()] == [str(good)]  # the good one is captioned
+    assert len([l for l in r.stderr.splitlines() if l.startswith("skipped: ")]) == len(bad)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a malicious pickle does: call a function while loading
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_run):
+    ckpt = torch.load(os.path.join(tiny_run, "stage1.pt"), weights_only=True)
+    marker = tmp_path / "code_ran"
+    ckpt["config"]["payload"] = _RunsCode(str(marker))
+    evil = tmp_path / "evil.pt"
+    torch.save(ckpt, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(ValueError, match="not a safe nanocap checkpoint"):
+        read_checkpoint(evil)
+    assert_one_line_error(cli("sample.py", "--ckpt", str(evil), "--image", "x.jpg"), "weights_only")
+    assert not marker.exists()  # the payload never ran
+
+
+def test_resume_with_a_different_model_is_one_line(tmp_path, tiny_run, tiny_shapes):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stage1.pt").write_bytes(open(os.path.join(tiny_run, "stage1.pt"), "rb").read())
+    r = cli("train.py", "--data_dir", tiny_shapes, "--out_dir", str(out), "--resume", "--prefix_len", "4",
+            "--max_iters", "3")
+    assert_one_line_error(r, "stage1.pt", "prefix_len")
+
+
+def test_stage2_from_a_checkpoint_of_another_clip_is_one_line(tmp_path, tiny_run, tiny_shapes):
+    ckpt = torch.load(os.path.join(tiny_run, "stage1.pt"), weights_only=True)
+    ckpt["clip"]["weights"] = "/elsewhere/another_clip.safetensors"
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    r = cli("train.py", "--stage", "2", "--data_dir", tiny_shapes, "--out_dir", str(tmp_path / "o"),
+            "--init_from", str(other), "--stage2_iters", "1")
+    assert_one_line_error(r, "CLIP")
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shapes, monkeypatch):
+    real, calls = losses.caption_loss, []
+
+    def poisoned(*a, **k):  # the 5th training step's loss is NaN (eval calls excluded below)
+        loss = real(*a, **k)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(losses, "caption_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="nan.*stage1.pt.*--resume"):
+        train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=8, eval_interval=2,
+                                batch_size=4, contrastive_weight=0.0))
+    ckpt = read_checkpoint(out / "stage1.pt")
+    assert ckpt["step"] == 4  # saved at the last eval before the bad step
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -36,7 +36,7 @@ def _start(gpt, prefix, max_new_tokens):
     """Run the prefix (N, P, C) once; return the cache and the logits for the first new token."""
     N, P, _ = prefix.shape
     cache = gpt.new_cache(N, P + max_new_tokens)
-    logits = gpt(inputs_embeds=prefix, cache=cache)[:, -1, :]  # (N, V)
+    logits = gpt(inputs_embeds=prefix, cache=cache, last_only=True)[:, -1, :]  # (N, V)
     return cache, logits
 
 

@@ -158,12 +158,14 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
-    def forward(self, idx=None, inputs_embeds=None, targets=None, cache=None):
+    def forward(self, idx=None, inputs_embeds=None, targets=None, cache=None, last_only=False):
         """
         idx: (B, T) token ids and/or inputs_embeds: (B, P, n_embd); given both, the embeddings
         come first: [inputs_embeds; wte(idx)], which is how a CLIP prefix precedes a caption.
         targets: (B, P+T) ids that each position should predict, -100 where ignored.
         cache: a KVCache; the new positions continue after cache.pos, and are appended to it.
+        last_only: logits for the last position only (B, 1, V): decoding needs no more, and the
+        vocabulary projection is the largest matmul of a small GPT.
         Returns logits (B, P+T, vocab_size), and the mean cross-entropy loss when targets are given.
         """
         parts = []
@@ -183,6 +185,8 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if targets is None:
             return logits

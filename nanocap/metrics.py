@@ -149,14 +149,26 @@ def _meteor(gts, res) -> float:
 
 
 def _spice_unavailable(java: bool) -> str | None:
-    # why SPICE cannot run, or None. Checked before Spice() is built: its constructor
-    # would try to download CoreNLP (~400 MB), which offline fails or hangs.
+    # why SPICE cannot run, or None. Checked before Spice() is built: its constructor would
+    # download CoreNLP (~400 MB) with no timeout, which offline fails or hangs. Online (no
+    # HF_HUB_OFFLINE=1) we download it here, with a timeout.
     if not java:
         return "java not found on PATH"
-    missing = [j for j in CORENLP_JARS if not os.path.isfile(os.path.join(SPICE_LIB, j))]
-    if missing:
-        return (f"Stanford CoreNLP is not in {SPICE_LIB} (missing {', '.join(missing)}); "
-                f"run pycocoevalcap.spice.get_stanford_models once online")
+    missing = lambda: [j for j in CORENLP_JARS if not os.path.isfile(os.path.join(SPICE_LIB, j))]
+    if missing() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "yes"):
+        import socket
+        import pycocoevalcap.spice.spice as spice_module
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # no network must not mean a hang
+        try:
+            spice_module.get_stanford_models()  # ~400 MB, once: SPICE runs when it can be downloaded
+        except Exception as e:
+            return f"could not download Stanford CoreNLP ({type(e).__name__}: {e})"
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    if missing():
+        return (f"Stanford CoreNLP is not in {SPICE_LIB} (missing {', '.join(missing())}) and HF_HUB_OFFLINE=1 "
+                f"forbids the download; run pycocoevalcap.spice.get_stanford_models once online")
     return None
 
 # -----------------------------------------------------------------------------

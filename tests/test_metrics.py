@@ -103,6 +103,24 @@ def test_spice_without_corenlp_is_skipped_quickly(monkeypatch, capsys, tmp_path)
     assert "tried to download" not in err
 
 
+def test_spice_downloads_corenlp_when_online(monkeypatch, capsys, tmp_path):
+    import pycocoevalcap.spice.spice as spice_module
+    monkeypatch.setattr(metrics, "SPICE_LIB", str(tmp_path))
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+    def fails():
+        calls.append(1)
+        raise OSError("network unreachable")
+    monkeypatch.setattr(spice_module, "get_stanford_models", fails)
+    assert "could not download Stanford CoreNLP" in metrics._spice_unavailable(java=True) and calls == [1]
+    def installs():  # a download that puts the jars in place lets SPICE run
+        for j in metrics.CORENLP_JARS:
+            (tmp_path / j).write_bytes(b"")
+    monkeypatch.setattr(spice_module, "get_stanford_models", installs)
+    assert metrics._spice_unavailable(java=True) is None
+
+
 def test_coco_scores_clear_errors():
     with pytest.raises(ValueError, match="same ids"):
         metrics.coco_scores({1: "a"}, {2: ["a"]})

@@ -162,3 +162,20 @@ def test_save_pretrained_round_trip_and_hf_reads_it(tmp_path):
         assert torch.equal(model(idx), back(idx))
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
         assert (hf(idx).logits - model(idx)).abs().max().item() < 1e-4
+
+
+def test_kv_cache_reorder_follows_rows_through_both_buffers():
+    from nanocap.gpt import KVCache
+    cfg = GPTConfig(block_size=16, vocab_size=10, n_layer=2, n_head=2, n_embd=8)
+    cache = KVCache(cfg, batch_size=4, max_len=6, device="cpu", dtype=torch.float32)
+    want_k = torch.randn(2, 4, 2, 3, 4)  # (layers, B, heads, filled positions, head_dim)
+    for layer in range(2):
+        cache.update(layer, want_k[layer], -want_k[layer])
+    cache.pos = 3
+    for index in ([2, 2, 0, 1], [3, 0, 1, 1], [1, 0, 3, 2]):  # the second buffer swaps in and back out
+        index = torch.tensor(index)
+        cache.reorder(index)
+        want_k = want_k.index_select(1, index)
+        assert torch.equal(cache.k[:, :, :, :3], want_k) and torch.equal(cache.v[:, :, :, :3], -want_k)
+    cache.reorder(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))  # a new batch size: a new cache
+    assert cache.k.shape[1] == 8 and torch.equal(cache.k[:, ::2, :, :3], want_k)

@@ -3,7 +3,7 @@ Make a dataset in nanocap's layout (nanocap/data.py): captions, CLIP features, a
 shapes world its toy foundation models.
 
     python data_prep.py                       # the shapes world, the default: offline, CPU, minutes
-    python data_prep.py --dataset coco --coco_root coco --karpathy_json dataset_coco.json
+    python data_prep.py --dataset coco --coco_root coco --karpathy_json coco/dataset_coco.json
     python data_prep.py --dataset folder --images photos/ --captions captions.jsonl
 
 COCO (Karpathy split) and your own folder are nanocap/real_data.py: CLIP ViT-B-32-quickgelu with

@@ -142,20 +142,23 @@ def evaluate_split(cfg, model, ckpt, tok, device):
 def compare_checkpoints(cfg, device):
     """The first `compare` images of a split: a reference, then each checkpoint's caption."""
     paths = cfg.ckpts or [os.path.join(cfg.out_dir, f"stage{s}.pt") for s in (1, 2)]
-    columns = {}
-    for path in paths:
+    columns, data_dir = {}, cfg.data_dir
+    several_runs = len({os.path.dirname(os.path.abspath(p)) for p in paths}) > 1
+    for n, path in enumerate(paths):
         try:
             model, ckpt = load_captioner(path, device)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-        data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
+        data_dir = data_dir or ckpt["config"]["data_dir"]  # one dataset for all: the same images in every column
         split_dir = data.split_dir(data_dir, cfg.split)
         feats = data.load_features(os.path.join(split_dir, "features.safetensors"))[: cfg.compare]
         tok = get_tokenizer(**ckpt["tokenizer"])
         # a short label: "stage 1", or "shapes_full/stage1" when the checkpoints come from several runs
-        label = os.path.basename(path)[:-3].replace("stage", "stage ")
-        if len({os.path.dirname(p) for p in paths}) > 1:
-            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)[:-3])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), stem) if several_runs \
+            else stem.replace("stage", "stage ")
+        if label in columns:
+            label = f"{label} ({n + 1})"  # never let two checkpoints share a column
         columns[label] = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
     records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))[: cfg.compare]
     width = max(len(k) for k in columns) + 1
@@ -202,6 +205,9 @@ def print_table(files):
             scores = data.read_json(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read scores from {f}: {e}")
+        if not isinstance(scores, dict) or not any(c in scores for c in TABLE_COLUMNS):
+            print(f"skipped: {f} is not a score file of --eval --out_json", file=sys.stderr)
+            continue  # e.g. the *.captions.json beside a score file, when a glob catches both
         rows.append([os.path.basename(f)[:-5] if f.endswith(".json") else f]
                     + [f"{scores[c]:.1f}" if c in scores else "–" for c in TABLE_COLUMNS])
     print("| run | " + " | ".join(TABLE_COLUMNS) + " |")

@@ -268,6 +268,8 @@ def main(cfg):
 
 def _same(a, b):
     """Two CLIP names, tags or paths that mean the same thing."""
+    if a is None or b is None:
+        return a == b
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 

@@ -199,6 +199,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         if last_only:
+            assert targets is None, "last_only is for decoding; the loss needs every position"
             x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         if targets is None:

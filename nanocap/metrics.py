@@ -155,20 +155,25 @@ def _spice_unavailable(java: bool) -> str | None:
     if not java:
         return "java not found on PATH"
     missing = lambda: [j for j in CORENLP_JARS if not os.path.isfile(os.path.join(SPICE_LIB, j))]
-    if missing() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "yes"):
-        import socket
-        import pycocoevalcap.spice.spice as spice_module
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(30)  # no network must not mean a hang
-        try:
-            spice_module.get_stanford_models()  # ~400 MB, once: SPICE runs when it can be downloaded
-        except Exception as e:
-            return f"could not download Stanford CoreNLP ({type(e).__name__}: {e})"
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    if missing():
+    if not missing():
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return (f"Stanford CoreNLP is not in {SPICE_LIB} (missing {', '.join(missing())}) and HF_HUB_OFFLINE=1 "
                 f"forbids the download; run pycocoevalcap.spice.get_stanford_models once online")
+    import socket
+    import pycocoevalcap.spice.spice as spice_module
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # no network must not mean a hang
+    try:
+        print("SPICE: downloading Stanford CoreNLP once (~400 MB) into pycocoevalcap ...", file=sys.stderr)
+        spice_module.get_stanford_models()  # SPICE runs when its models can be downloaded
+    except Exception as e:
+        return f"could not download Stanford CoreNLP ({type(e).__name__}: {e})"
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    if missing():
+        return (f"the Stanford CoreNLP download is incomplete (missing {', '.join(missing())} in {SPICE_LIB}); "
+                f"delete the stanford-corenlp files there and retry")
     return None
 
 # -----------------------------------------------------------------------------

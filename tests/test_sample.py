@@ -81,6 +81,8 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run):
     assert sum(l.strip().startswith("copy/stage1:") for l in lines) == 3
     assert sum("/stage1:" in l for l in lines) == 6  # two columns, three images
     assert Image.open(grid).format == "PNG"
+    r = sample_cli("--split", "test", "--compare", "2", "--ckpts", ckpt, ckpt)  # the same file twice: two columns
+    assert r.returncode == 0 and sum(l.strip().startswith("stage 1 (2):") for l in r.stdout.splitlines()) == 2
     r = sample_cli("--split", "test", "--compare", "2", "--ckpts", str(tmp_path / "nope.pt"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
 
@@ -88,8 +90,10 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run):
 def test_table_collects_score_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"BLEU-4": 12.345, "CIDEr": 100.0, "distinct": 50}))
     (tmp_path / "b.json").write_text(json.dumps({"CIDEr": 7.0}))
-    r = sample_cli("--table", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    (tmp_path / "a.captions.json").write_text(json.dumps([{"image_id": 0, "caption": "x"}]))  # caught by a glob
+    r = sample_cli("--table", str(tmp_path / "a.json"), str(tmp_path / "a.captions.json"), str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
+    assert "a.captions.json is not a score file" in r.stderr
     header, rule, a, b = r.stdout.strip().splitlines()
     assert header.split("|")[1].strip() == "run" and "CIDEr" in header
     cells = lambda row: [c.strip() for c in row.strip("|").split("|")]

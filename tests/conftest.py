@@ -19,3 +19,15 @@ def tiny_shapes(tmp_path_factory):
                            clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7)
     data_prep.prepare_shapes(cfg)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_shapes):
+    """A stage-1 checkpoint (4 steps, λ = 0) on the miniature shapes world, for the sample.py tests.
+    Returns its out_dir."""
+    import train
+
+    out = tmp_path_factory.mktemp("run")
+    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=4, eval_interval=1000,
+                            batch_size=4, contrastive_weight=0.0))
+    return str(out)

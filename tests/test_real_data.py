@@ -6,8 +6,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,13 +21,7 @@ from nanocap.captioner import read_checkpoint
 from nanocap.cli import parse_config
 from nanocap.shapes import captions, make_split, render
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(script, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+from tests.helpers import cli
 
 
 def error_lines(r):

@@ -2,8 +2,6 @@
 checkpoints that carry code or do not fit, and a loss that becomes NaN."""
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,21 +12,7 @@ from nanocap import losses
 from nanocap.captioner import read_checkpoint
 from nanocap.shapes import make_split, render
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_shapes):
-    out = tmp_path_factory.mktemp("run")
-    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=2, eval_interval=1000,
-                            batch_size=4, contrastive_weight=0.0))
-    return str(out)
-
-
-def cli(script, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+from tests.helpers import cli
 
 
 def assert_one_line_error(r, *words):

@@ -2,32 +2,19 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import train
 from nanocap.images import ImageError, load_image
 from nanocap.shapes import make_split, render
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_shapes):
-    out = tmp_path_factory.mktemp("run")
-    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=4, eval_interval=1000,
-                            batch_size=4, contrastive_weight=0.0))
-    return str(out)
+from tests.helpers import cli
 
 
 def sample_cli(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return cli("sample.py", *args)
 
 
 def test_captions_a_generated_image_and_a_folder(tmp_path, tiny_run):

@@ -28,8 +28,7 @@ test: install
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
-	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1                  # 2% of the labels
-	HF_HUB_OFFLINE=1 $(PY) train.py --stage 2                  # the unlabeled 98%, CLIP-S reward
+	HF_HUB_OFFLINE=1 $(PY) train.py                            # stage 1 on 2% of the labels, then stage 2 on the unlabeled 98%
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
 
 # The README's results table on the shapes test split: the demo's runs (a) and (b) (made first

@@ -16,28 +16,30 @@ up, then interleaves them `--repeats` times; the reported ratio is the median ov
                   prefix, exactly 20 new tokens (EOS never stops either side), batch 32
   precompute      data_prep's image encoding (read PNG files, preprocess, DataLoader, CLIP) vs
                   the bare CLIP forward on tensors already in memory, images/s: the I/O overhead
-  stage-2 step    images/s of one REINFORCE step, split into sampling, CLIP text encoding, and
-                  the forward + backward
+  stage-2 step    images/s of one real stage-2 step (losses.stage2_loss: K samples, CLIP-S,
+                  baseline, KL, then the backward)
   MFU (CUDA only) model FLOPs utilization of a stage-1 step at the real shape (GPT-2 124M, bf16)
 """
 
+import copy
 import os
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nanocap import data, losses, pretrain
+from nanocap import losses
 from nanocap.captioner import Captioner
-from nanocap.cli import parse_config, print_config
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.decode import beam_search, greedy, sample, token_logprobs
+from nanocap.data import layout, pretrain
+from nanocap.decode import beam_search, greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
-from nanocap.train_utils import pick_device
+from nanocap.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from nanocap.tools.cli import parse_config, print_config
+from nanocap.tools.training import pick_device
 
 # GPU peak bf16 dense FLOP/s, for MFU (from the vendors' data sheets)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -163,8 +165,8 @@ def bench_decoding(shape, batch, cfg, device, prefix_len=10, new_tokens=20):
 
 def bench_precompute(n_images, clip_name, cfg, device):
     """data_prep's pipeline from PNG files vs the bare forward on in-memory tensors, images/s."""
-    from nanocap.real_data import encode_images
-    from nanocap.shapes import make_split, render
+    from nanocap.data.real import encode_images
+    from nanocap.data.shapes import make_split, render
     clip = CLIPEncoder(clip_name, None, device=device)
     with tempfile.TemporaryDirectory() as d:
         paths = []
@@ -179,44 +181,32 @@ def bench_precompute(n_images, clip_name, cfg, device):
 
 
 def bench_stage2(shape, batch, k, cfg, device):
-    """One stage-2 REINFORCE step on a small captioner, timed in its three parts; images/s."""
+    """One real stage-2 step, losses.stage2_loss and its backward, on a small captioner; images/s."""
     torch.manual_seed(cfg.seed)
     # the shapes world's CLIP on CPU; the real recipe's ViT-B-32 (random weights) on a GPU
     clip = CLIPEncoder("ViT-B-32" if device.type == "cuda" else _tiny_clip_json(), None, device=device)
     gpt = GPT(GPTConfig(**shape)).to(device)
     model = Captioner(build_mapper("mlp", clip.embed_dim, 10, gpt.config.n_embd), gpt).to(device)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen stage-1 policy
+    small = shape["vocab_size"] < VOCAB_SIZE  # a renumbered vocabulary, as the shapes world's GPT has
+    tok = get_tokenizer("gpt2", list(range(shape["vocab_size"] - 1)) + [EOT_ID] if small else None)
     feats = torch.nn.functional.normalize(torch.randn(batch, clip.embed_dim), dim=-1).to(device)
-    feats_k = feats.repeat_interleave(k, 0)  # (B*K, D)
-    parts = {"sampling": [], "clip_text": [], "forward_backward": []}
-    for it in range(cfg.repeats + 1):
-        with torch.no_grad():
-            t = time.perf_counter()
-            gen = sample(model.gpt, model.prefix(feats).repeat_interleave(k, 0), 20, eos_id=-1)
-            sync(device)
-            t_sample = time.perf_counter() - t
-            texts = [" ".join(f"w{int(i) % 97}" for i in row) for row in gen.tokens.tolist()]  # stand-in words
-            t = time.perf_counter()
-            reward = losses.clip_s(feats_k, clip.encode_text(texts))
-            sync(device)
-            t_clip = time.perf_counter() - t
-        t = time.perf_counter()
-        logits = model(feats_k, gen.tokens[:, :-1])[:, model.prefix_len - 1 :]
-        loss = losses.reinforce_loss(token_logprobs(logits, gen.tokens), gen.mask, reward,
-                                     losses.baseline(reward, k, "mean"))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def step():
+        loss, _ = losses.stage2_loss(model, reference, feats, clip, tok, k=k, max_new_tokens=20, generator=gen)
         loss.backward()
         model.zero_grad(set_to_none=True)
-        sync(device)
-        if it > 0:  # the first is the warm-up
-            for name, v in zip(parts, (t_sample, t_clip, time.perf_counter() - t)):
-                parts[name].append(v)
-    med = {name: statistics.median(v) for name, v in parts.items()}
-    return {"images_per_s": batch / sum(med.values()), **{f"{n}_s": v for n, v in med.items()}}
+
+    step()  # warm-up
+    t = statistics.median(timed(step, device) for _ in range(cfg.repeats))
+    return {"images_per_s": batch / t, "step_s": t}
 
 
 def _tiny_clip_json():
     """A tiny open_clip config (the shapes world's reward CLIP), written to a temp file."""
     path = os.path.join(tempfile.gettempdir(), "nanocap_bench_clip.json")
-    data.write_json(path, pretrain.REWARD_CLIP_CFG)
+    layout.write_json(path, pretrain.REWARD_CLIP_CFG)
     return path
 
 
@@ -295,13 +285,12 @@ def main(cfg):
     for label, r, target in rows:
         print(f"| {label:<44} | {r['ours']:.1f} | {r['theirs']:.1f} | {r['ratio']:.2f}x | >= {target}x |")
     s2 = results["stage2_step"]
-    print(f"\nstage-2 step: {s2['images_per_s']:.1f} images/s (sampling {s2['sampling_s']:.3f} s, "
-          f"CLIP text {s2['clip_text_s']:.3f} s, forward+backward {s2['forward_backward_s']:.3f} s)")
+    print(f"\nstage-2 step (losses.stage2_loss + backward): {s2['images_per_s']:.1f} images/s, {s2['step_s']:.3f} s")
     print(f"greedy tokens identical to transformers': {100 * dec['greedy_tokens_agree']:.1f}%")
     if "mfu_stage1" in results:
         print(f"stage-1 MFU at GPT-2 124M, bf16: {results['mfu_stage1']}")
     if cfg.out:
-        data.write_json(cfg.out, results)
+        layout.write_json(cfg.out, results)
         print(f"wrote {cfg.out}")
     return results
 

@@ -1,13 +1,14 @@
 """
-Make a dataset in nanocap's layout (nanocap/data.py): captions, CLIP features, and for the
+Make a dataset in nanocap's layout (nanocap/data/layout.py): captions, CLIP features, and for the
 shapes world its toy foundation models.
 
     python data_prep.py                       # the shapes world, the default: offline, CPU, minutes
     python data_prep.py --dataset coco --coco_root coco --karpathy_json coco/dataset_coco.json
     python data_prep.py --dataset folder --images photos/ --captions captions.jsonl
 
-COCO (Karpathy split) and your own folder are nanocap/real_data.py: CLIP ViT-B-32-quickgelu with
+COCO (Karpathy split) and your own folder are nanocap/data/real.py: CLIP ViT-B-32-quickgelu with
 the openai weights by default (--clip, --clip_weights), each image encoded once, shard by shard.
+Each dataset has its own flags (one dataclass each, below): `--dataset coco -h` lists COCO's.
 
 The shapes world replicates the setting of Jin (arXiv 2306.15111) at CPU size: foundation models
 pretrained on lots of *other* data (a "web" split the captioner never sees), few labels, many
@@ -24,8 +25,10 @@ unlabeled images, and reference captions whose informativeness varies. It writes
 Each step is skipped when its output exists, so a second run reuses everything.
 """
 
+import argparse
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -34,48 +37,74 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nanocap import data, pretrain, real_data, shapes
-from nanocap.cli import parse_config, print_config
 from nanocap.clip_encoder import CLIPEncoder
+from nanocap.data import layout, pretrain, real, shapes
+from nanocap.data.images import load_image
+from nanocap.data.real import encode_images
 from nanocap.gpt import GPT, GPTConfig
-from nanocap.real_data import encode_images
 from nanocap.tokenizer import build_vocab, get_tokenizer
+from nanocap.tools.cli import parse_config, print_config
+from nanocap.tools.report import draw_grid
 
 
 @dataclass
 class Config:
-    """Make a dataset: the shapes world (default), COCO's Karpathy split, or your own folder."""
-    dataset: str = field(default="shapes", metadata={"help": "shapes (offline toy world), coco (Karpathy split) or folder (your images)"})
+    """Make a dataset: the shapes world (default), COCO's Karpathy split, or your own folder.
+    Each dataset has its own flags: `python data_prep.py --dataset coco -h` lists COCO's."""
+    dataset: str = field(default="shapes", metadata={"help": "shapes (offline toy world), coco or folder"})
     data_dir: str = field(default="", metadata={"help": "output folder; default data/<dataset>"})
     seed: int = field(default=1337, metadata={"help": "everything below is a function of this seed"})
-    # coco and folder (nanocap/real_data.py)
-    coco_root: str = field(default="", metadata={"help": "coco: the folder holding train2014/ and val2014/"})
-    karpathy_json: str = field(default="", metadata={"help": "coco: Karpathy's dataset_coco.json (113,287 / 5,000 / 5,000 images)"})
-    images: str = field(default="", metadata={"help": "folder: your images (searched recursively)"})
-    captions: str = field(default="", metadata={"help": 'folder: captions.jsonl, one {"image": ..., "captions": [...]} per line'})
-    val_fraction: float = field(default=0.05, metadata={"help": "folder: share of the captioned images for validation (at least 1)"})
-    test_fraction: float = field(default=0.05, metadata={"help": "folder: share of the captioned images for test (at least 1)"})
-    clip: str = field(default="", metadata={"help": "coco/folder: CLIP that embeds the images ('' = ViT-B-32-quickgelu)"})
-    clip_weights: str = field(default="", metadata={"help": "coco/folder: open_clip tag or weights file ('' = openai)"})
-    eval_clip: str = field(default="", metadata={"help": "coco/folder: CLIP that scores captions in sample.py --eval ('' = --clip)"})
-    eval_clip_weights: str = field(default="", metadata={"help": "coco/folder: its tag or file ('' = --clip_weights if --eval_clip is --clip, else openai)"})
-    gpt: str = field(default="", metadata={"help": "coco/folder: GPT train.py starts from: gpt2, gpt2-medium, a HF folder, none ('' = gpt2)"})
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"], metadata={"help": "coco/folder: the splits to write"})
-    max_images: int = field(default=0, metadata={"help": "coco/folder: at most this many images per split, for a trial (0: all)"})
-    shard_size: int = field(default=5000, metadata={"help": "coco/folder: images per feature shard; a rerun reuses finished shards"})
-    device: str = field(default="auto", metadata={"help": "coco/folder: where CLIP runs: auto, cpu, cuda, mps"})
-    # the shapes world
-    n_web: int = field(default=20000, metadata={"help": "shapes: web images, for the toy CLIPs and GPT only"})
-    n_train: int = field(default=10000, metadata={"help": "shapes: train images (labeled fraction + unlabeled pool)"})
-    n_val: int = field(default=500, metadata={"help": "shapes: validation images"})
-    n_test: int = field(default=1000, metadata={"help": "shapes: test images"})
-    clip_steps: int = field(default=460, metadata={"help": "shapes: reward-CLIP training steps (batch 256)"})
-    eval_clip_steps: int = field(default=370, metadata={"help": "shapes: eval-CLIP training steps (batch 256)"})
-    clip_lr: float = field(default=5e-4, metadata={"help": "shapes: peak learning rate of both CLIPs"})
-    lm_steps: int = field(default=600, metadata={"help": "shapes: toy GPT training steps"})
     batch_size: int = field(default=256, metadata={"help": "images per batch when encoding features"})
-    num_workers: int = field(default=-1, metadata={"help": "DataLoader workers reading images (-1: 0 for shapes, else min(8, CPUs))"})
+    num_workers: int = field(default=-1, metadata={"help": "image-reading workers (-1: 0 for shapes, else min(8, CPUs))"})
     grid: str = field(default="", metadata={"help": "instead: draw 8 train images and their captions to this PNG"})
+
+
+@dataclass
+class ShapesConfig(Config):
+    """The shapes world: renders scenes, pretrains its own toy CLIPs and GPT, offline, on a CPU.
+    Other datasets have their own flags: --dataset coco -h, --dataset folder -h."""
+    n_web: int = field(default=20000, metadata={"help": "web images, for the toy CLIPs and GPT only"})
+    n_train: int = field(default=10000, metadata={"help": "train images (labeled fraction + unlabeled pool)"})
+    n_val: int = field(default=500, metadata={"help": "validation images"})
+    n_test: int = field(default=1000, metadata={"help": "test images"})
+    # 460 x 256 reaches R@1 65% in minutes; lr 1e-3 or 2e-3, or a batch of 128 or 512, did worse
+    clip_steps: int = field(default=460, metadata={"help": "reward-CLIP training steps (batch 256)"})
+    eval_clip_steps: int = field(default=370, metadata={"help": "eval-CLIP training steps (batch 256)"})
+    clip_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of both CLIPs"})
+    lm_steps: int = field(default=600, metadata={"help": "toy GPT training steps"})
+
+
+@dataclass
+class RealConfig(Config):
+    """Real images (nanocap/data/real.py): CLIP ViT-B-32-quickgelu with the openai weights by default."""
+    clip: str = field(default="ViT-B-32-quickgelu", metadata={"help": "CLIP that embeds the images"})
+    clip_weights: str = field(default="openai", metadata={"help": "open_clip tag or weights file"})
+    eval_clip: str = field(default="", metadata={"help": "CLIP that scores captions in sample.py --eval ('' = --clip)"})
+    eval_clip_weights: str = field(default="", metadata={"help": "its tag or file ('' = --clip_weights, or openai)"})
+    gpt: str = field(default="gpt2", metadata={"help": "GPT train.py starts from: gpt2, a HF folder, or none"})
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"], metadata={"help": "splits to write"})
+    max_images: int = field(default=0, metadata={"help": "at most this many images per split, for a trial (0: all)"})
+    shard_size: int = field(default=5000, metadata={"help": "images per feature shard; a rerun reuses finished shards"})
+    device: str = field(default="auto", metadata={"help": "where CLIP runs: auto, cpu, cuda, mps"})
+
+
+@dataclass
+class CocoConfig(RealConfig):
+    """COCO 2014 in Karpathy's split (113,287 / 5,000 / 5,000 images; restval counts as train)."""
+    coco_root: str = field(default="", metadata={"help": "the folder holding train2014/ and val2014/"})
+    karpathy_json: str = field(default="", metadata={"help": "Karpathy's dataset_coco.json"})
+
+
+@dataclass
+class FolderConfig(RealConfig):
+    """Your own images and a captions.jsonl; images without captions become the unlabeled pool."""
+    images: str = field(default="", metadata={"help": "your images (searched recursively)"})
+    captions: str = field(default="", metadata={"help": 'captions.jsonl: {"image": ..., "captions": [...]} a line'})
+    val_fraction: float = field(default=0.05, metadata={"help": "captioned images for validation (at least 1)"})
+    test_fraction: float = field(default=0.05, metadata={"help": "captioned images for test (at least 1)"})
+
+
+CONFIGS = {"shapes": ShapesConfig, "coco": CocoConfig, "folder": FolderConfig}
 
 
 SPLITS = ("web", "train", "val", "test")
@@ -83,7 +112,7 @@ SPLITS = ("web", "train", "val", "test")
 
 def render_split(cfg, split, n, seed):
     """Render n scenes as PNGs and write captions.jsonl with 5 captions and the scene of each."""
-    folder = data.split_dir(cfg.data_dir, split)
+    folder = layout.split_dir(cfg.data_dir, split)
     index = os.path.join(folder, "captions.jsonl")
     if os.path.exists(index):
         return
@@ -95,26 +124,26 @@ def render_split(cfg, split, n, seed):
         name = f"images/{i:06d}.png"
         shapes.render(scene, size=64).save(os.path.join(folder, name))
         records.append({"image": name, "captions": shapes.captions(scene, rng, n=5), "scene": scene})
-    data.write_jsonl(index, records)  # written last: its presence means the split is complete
+    layout.write_jsonl(index, records)  # written last: its presence means the split is complete
 
 
 def load_split(cfg, split):
     """(records, images as a (N, 64, 64, 3) uint8 array)."""
-    records = data.read_jsonl(os.path.join(data.split_dir(cfg.data_dir, split), "captions.jsonl"))
-    images = np.stack([np.asarray(Image.open(data.image_path(cfg.data_dir, split, r)).convert("RGB"))
+    records = layout.read_jsonl(os.path.join(layout.split_dir(cfg.data_dir, split), "captions.jsonl"))
+    images = np.stack([np.asarray(Image.open(layout.image_path(cfg.data_dir, split, r)).convert("RGB"))
                        for r in tqdm(records, desc=f"load {split}", leave=False)])
     return records, images
 
 
 def write_features(cfg, split, encoder, filename, clip_name, clip_weights):
-    path = os.path.join(data.split_dir(cfg.data_dir, split), filename)
+    path = os.path.join(layout.split_dir(cfg.data_dir, split), filename)
     if os.path.exists(path):
         return
-    records = data.read_jsonl(os.path.join(data.split_dir(cfg.data_dir, split), "captions.jsonl"))
-    paths = [data.image_path(cfg.data_dir, split, r) for r in records]
+    records = layout.read_jsonl(os.path.join(layout.split_dir(cfg.data_dir, split), "captions.jsonl"))
+    paths = [layout.image_path(cfg.data_dir, split, r) for r in records]
     feats, bad = encode_images(encoder, paths, cfg.batch_size, max(cfg.num_workers, 0), f"encode {split}")
     assert not bad, f"unreadable rendered images: {bad[:5]}"  # [(index, reason)]
-    data.save_features(path, feats, clip=clip_name, clip_weights=clip_weights, normalized=True)
+    layout.save_features(path, feats, clip=clip_name, clip_weights=clip_weights, normalized=True)
 
 
 def prepare_shapes(cfg):
@@ -139,7 +168,7 @@ def prepare_shapes(cfg):
 
     gpt_dir = os.path.join(models, "gpt")
     if not os.path.exists(os.path.join(gpt_dir, "model.safetensors")):
-        web_records = web[0] if web else data.read_jsonl(os.path.join(cfg.data_dir, "web", "captions.jsonl"))
+        web_records = web[0] if web else layout.read_jsonl(os.path.join(cfg.data_dir, "web", "captions.jsonl"))
         texts = [c for r in web_records for c in r["captions"]]
         vocab = build_vocab(texts)
         tok = get_tokenizer("gpt2", vocab)
@@ -158,8 +187,8 @@ def prepare_shapes(cfg):
     meta = dict(dataset="shapes", seed=cfg.seed, splits=sizes,
                 clip="models/clip_reward.json", clip_weights="models/clip_reward.safetensors",
                 eval_clip="models/clip_eval.json", eval_clip_weights="models/clip_eval.safetensors",
-                gpt="models/gpt", features_normalized=True, clip_prompt="a photo depicts")
-    data.write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
+                gpt="models/gpt", features_normalized=True)
+    layout.write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
     summarize(cfg, encoders, gpt_dir, t0)
 
 
@@ -168,15 +197,15 @@ def summarize(cfg, encoders, gpt_dir, t0):
     test_records, test_images = load_split(cfg, "test")
     scenes = [r["scene"] for r in test_records]
     reports = {role: pretrain.clip_report(enc, test_images, scenes, seed=cfg.seed) for role, enc in encoders.items()}
-    vocab = data.read_json(os.path.join(gpt_dir, "nanocap_vocab.json"))
+    vocab = layout.read_json(os.path.join(gpt_dir, "nanocap_vocab.json"))
     lm = GPT.from_pretrained(gpt_dir)
-    val_texts = [c for r in data.read_jsonl(os.path.join(cfg.data_dir, "val", "captions.jsonl")) for c in r["captions"]]
+    val_texts = [c for r in layout.read_jsonl(os.path.join(cfg.data_dir, "val", "captions.jsonl")) for c in r["captions"]]
     ppl = pretrain.lm_perplexity(lm, get_tokenizer("gpt2", vocab), val_texts)
     size_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cfg.data_dir) for f in fs) / 2**20
-    summary = dict(counts={s: len(data.read_jsonl(os.path.join(cfg.data_dir, s, "captions.jsonl"))) for s in SPLITS},
+    summary = dict(counts={s: len(layout.read_jsonl(os.path.join(cfg.data_dir, s, "captions.jsonl"))) for s in SPLITS},
                    size_mb=round(size_mb, 1), clip=reports, gpt_val_perplexity=round(ppl, 3),
                    gpt_params=lm.num_params(), wall_time_s=round(time.time() - t0, 1))
-    data.write_json(os.path.join(cfg.data_dir, "summary.json"), summary)
+    layout.write_json(os.path.join(cfg.data_dir, "summary.json"), summary)
     print(f"\nshapes world in {cfg.data_dir}: " + ", ".join(f"{s} {n}" for s, n in summary["counts"].items())
           + f" images, {summary['size_mb']} MB")
     keys = list(reports["reward"])
@@ -187,51 +216,41 @@ def summarize(cfg, encoders, gpt_dir, t0):
     print(f"wall time: {summary['wall_time_s']:.0f} s")
 
 
-def draw_grid(cfg):
-    """A PNG of the first 8 train images of a prepared dataset, each with its 5 reference captions."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = data.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))[:8]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 10), gridspec_kw=dict(hspace=0.7, wspace=0.15))
-    for ax, r in zip(axes.flat, records):
-        ax.imshow(Image.open(data.image_path(cfg.data_dir, "train", r)), interpolation="lanczos")
-        ax.set_xticks([])
-        ax.set_yticks([])  # keep the frame: the white background would vanish into the page
-        ax.text(0, -0.04, "\n".join(_wrap("- " + c, 48) for c in r["captions"]), transform=ax.transAxes,
-                va="top", fontsize=8.5, family="monospace")
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.grid)), exist_ok=True)
-    fig.savefig(cfg.grid, dpi=80, bbox_inches="tight")
-    print(f"wrote {cfg.grid}")
+def draw_examples(cfg):
+    """A PNG of the first 8 train images of a prepared dataset, each with its reference captions."""
+    records = layout.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))[:8]
+    images = [load_image(layout.image_path(cfg.data_dir, "train", r)) for r in records]
+    draw_grid(cfg.grid, images, [r["captions"] for r in records])
 
 
-def _wrap(text, width):
-    import textwrap
-    return "\n".join(textwrap.wrap(text, width))
+def which_dataset(argv):
+    """The --dataset of a command line, or of its --config preset; shapes by default."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--dataset")
+    peek.add_argument("--config")
+    args, _ = peek.parse_known_args(argv)
+    if args.dataset is None and args.config and os.path.isfile(args.config):
+        args.dataset = layout.read_json(args.config).get("dataset")
+    return args.dataset or "shapes"
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    if not cfg.data_dir:
-        cfg.data_dir = os.path.join("data", cfg.dataset)
-    if cfg.dataset in ("coco", "folder"):  # the real recipe: CLIP ViT-B/32 (OpenAI) and GPT-2 124M
-        cfg.clip = cfg.clip or "ViT-B-32-quickgelu"
-        cfg.clip_weights = cfg.clip_weights or "openai"
+    argv = sys.argv[1:] if argv is None else argv
+    dataset = which_dataset(argv)
+    if dataset not in CONFIGS:
+        raise SystemExit(f"error: unknown --dataset {dataset!r}; use shapes, coco or folder")
+    cfg = parse_config(CONFIGS[dataset], argv)
+    cfg.data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
+    if dataset != "shapes":  # a second judge defaults to the CLIP itself
         cfg.eval_clip = cfg.eval_clip or cfg.clip
         cfg.eval_clip_weights = cfg.eval_clip_weights or (cfg.clip_weights if cfg.eval_clip == cfg.clip else "openai")
-        cfg.gpt = cfg.gpt or "gpt2"
-    elif cfg.clip or cfg.clip_weights or cfg.eval_clip or cfg.eval_clip_weights or cfg.gpt:
-        raise SystemExit("error: the shapes world trains its own toy CLIPs and GPT; --clip, --clip_weights, "
-                         "--eval_clip, --eval_clip_weights and --gpt are for --dataset coco or folder")
     print_config(cfg)
     if cfg.grid:
-        draw_grid(cfg)
-    elif cfg.dataset == "shapes":
+        draw_examples(cfg)
+    elif dataset == "shapes":
         prepare_shapes(cfg)
-    elif cfg.dataset in ("coco", "folder"):
-        real_data.prepare(cfg)
     else:
-        raise SystemExit(f"error: unknown --dataset {cfg.dataset!r}; use shapes, coco or folder")
+        real.prepare(cfg)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanocap import data
 from nanocap.captioner import load_captioner
-from nanocap.cli import parse_config
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.decode import generate
-from nanocap.images import ImageError, find_images, load_image
+from nanocap.data import layout, shapes
+from nanocap.data.images import ImageError, find_images, load_image
+from nanocap.decode import LENGTH_PENALTY, generate
 from nanocap.tokenizer import get_tokenizer
-from nanocap.train_utils import pick_device
+from nanocap.tools import report
+from nanocap.tools.cli import parse_config
+from nanocap.tools.training import pick_device
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Config:
     out_dir: str = field(default="out/shapes", metadata={"help": "where train.py wrote stage1.pt / stage2.pt"})
     method: str = field(default="greedy", metadata={"help": "greedy, beam or sample"})
     beam_size: int = field(default=5, metadata={"help": "beam search width"})
-    length_penalty: float = field(default=0.0, metadata={"help": "beam: rank by sum(logp)/length**this"})
+    length_penalty: float = field(default=LENGTH_PENALTY, metadata={"help": "beam: rank by sum(logp)/length**this"})
     num_captions: int = field(default=1, metadata={"help": "captions per image (best beams, or samples)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens (0: all)"})
@@ -50,11 +51,11 @@ class Config:
     eval: bool = field(default=False, metadata={"help": "with --split: score the captions"})
     out_json: str = field(default="", metadata={"help": "with --eval: write the scores here (captions beside it)"})
     references: bool = field(default=False, metadata={"help": "with --eval: score reference 1 against the other 4"})
-    spice: bool = field(default=True, metadata={"help": "with --eval: SPICE too when its Java models are (or can be) downloaded; skipped with a message otherwise"})
-    compare: int = field(default=0, metadata={"help": "with --split: print this many images' captions by each of --ckpts side by side"})
-    ckpts: list[str] = field(default_factory=list, metadata={"help": "with --compare: checkpoints (default: out_dir's stage1.pt and stage2.pt)"})
-    grid: str = field(default="", metadata={"help": "with --compare: also draw the images and captions to this PNG"})
-    table: list[str] = field(default_factory=list, metadata={"help": "score files written by --eval --out_json: print them as one markdown table"})
+    spice: bool = field(default=True, metadata={"help": "with --eval: SPICE too, when Java and CoreNLP allow"})
+    compare: int = field(default=0, metadata={"help": "with --split: this many images, by each of --ckpts"})
+    ckpts: list[str] = field(default_factory=list, metadata={"help": "with --compare: checkpoints (default: stage 1 and 2)"})
+    grid: str = field(default="", metadata={"help": "with --compare: also draw them to this PNG"})
+    table: list[str] = field(default_factory=list, metadata={"help": "print score files as one markdown table"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -104,37 +105,38 @@ def caption_images(cfg, model, ckpt, tok, device):
 
 
 def evaluate_split(cfg, model, ckpt, tok, device):
-    from nanocap import metrics
+    from nanocap.tools import metrics  # pycocoevalcap: imported only when scoring
     data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
-    meta = data.read_json(os.path.join(data_dir, "meta.json"))
-    in_data = lambda p: data.in_data_dir(data_dir, p)  # names such as ViT-B-32-quickgelu stay names
-    split_dir = data.split_dir(data_dir, cfg.split)
-    records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))
+    meta = layout.read_json(os.path.join(data_dir, "meta.json"))
+    in_data = lambda p: layout.in_data_dir(data_dir, p)  # names such as ViT-B-32-quickgelu stay names
+    split_dir = layout.split_dir(data_dir, cfg.split)
+    records = layout.read_jsonl(os.path.join(split_dir, "captions.jsonl"))
     references = [r["captions"] for r in records]
     if cfg.references:  # the human ceiling: reference 1 scored against the other four
         candidates = [refs[0] for refs in references]
         references = [refs[1:] for refs in references]
     else:
-        feats = data.load_features(os.path.join(split_dir, "features.safetensors"))
+        feats = layout.load_features(os.path.join(split_dir, "features.safetensors"))
         candidates = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
     eval_clip = CLIPEncoder(in_data(meta["eval_clip"]), in_data(meta["eval_clip_weights"]), device=device)
     eval_feats_file = os.path.join(split_dir, "features_eval.safetensors")
     if os.path.exists(eval_feats_file):
-        eval_feats = data.load_features(eval_feats_file).to(device)
+        eval_feats = layout.load_features(eval_feats_file).to(device)
     else:
-        eval_feats = torch.cat([eval_clip.encode_image([load_image(data.image_path(data_dir, cfg.split, r))
+        eval_feats = torch.cat([eval_clip.encode_image([load_image(layout.image_path(data_dir, cfg.split, r))
                                                         for r in records[i : i + cfg.batch_size]])
                                 for i in range(0, len(records), cfg.batch_size)])
-    scenes = [r["scene"] for r in records] if all("scene" in r for r in records) else None
+    scenes = [r["scene"] for r in records] if all("scene" in r for r in records) else None  # the shapes world
     scores = metrics.evaluate_captions(candidates, references, clip=eval_clip, image_features=eval_feats,
-                                       scenes=scenes, spice=cfg.spice, prompt=meta.get("clip_prompt", "a photo depicts"))
+                                       scenes=scenes, attribute_scorer=shapes.attribute_scores if scenes else None,
+                                       spice=cfg.spice)
     print(metrics.format_table(scores))
     if cfg.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out_json)), exist_ok=True)
-        data.write_json(cfg.out_json, scores)
+        layout.write_json(cfg.out_json, scores)
         stem = cfg.out_json[:-5] if cfg.out_json.endswith(".json") else cfg.out_json
         ids = [r.get("image_id", i) for i, r in enumerate(records)]
-        data.write_json(stem + ".captions.json", [{"image_id": i, "caption": c} for i, c in zip(ids, candidates)])
+        layout.write_json(stem + ".captions.json", [{"image_id": i, "caption": c} for i, c in zip(ids, candidates)])
         print(f"wrote {cfg.out_json} and {stem}.captions.json")
     return 0
 
@@ -150,8 +152,8 @@ def compare_checkpoints(cfg, device):
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
         data_dir = data_dir or ckpt["config"]["data_dir"]  # one dataset for all: the same images in every column
-        split_dir = data.split_dir(data_dir, cfg.split)
-        feats = data.load_features(os.path.join(split_dir, "features.safetensors"))[: cfg.compare]
+        split_dir = layout.split_dir(data_dir, cfg.split)
+        feats = layout.load_features(os.path.join(split_dir, "features.safetensors"))[: cfg.compare]
         tok = get_tokenizer(**ckpt["tokenizer"])
         # a short label: "stage 1", or "shapes_full/stage1" when the checkpoints come from several runs
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -160,66 +162,25 @@ def compare_checkpoints(cfg, device):
         if label in columns:
             label = f"{label} ({n + 1})"  # never let two checkpoints share a column
         columns[label] = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
-    records = data.read_jsonl(os.path.join(split_dir, "captions.jsonl"))[: cfg.compare]
+    records = layout.read_jsonl(os.path.join(split_dir, "captions.jsonl"))[: cfg.compare]
     width = max(len(k) for k in columns) + 1
     for i, r in enumerate(records):
         print(r["image"] + f"\n  {'reference:':<{width}} {r['captions'][0]}")
         for label, caps in columns.items():
             print(f"  {label + ':':<{width}} {caps[i]}")
     if cfg.grid:
-        draw_grid(cfg.grid, [load_image(data.image_path(data_dir, cfg.split, r)) for r in records],
+        report.draw_grid(cfg.grid, [load_image(layout.image_path(data_dir, cfg.split, r)) for r in records],
                   [[f"{k}: {v[i]}" for k, v in columns.items()] for i in range(len(records))])
-    return 0
-
-
-def draw_grid(path, images, texts, wrap=100):
-    """One row per image: the image, then its captions as wrapped lines of text. Saved as a PNG."""
-    import textwrap
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    blocks = ["\n".join(textwrap.fill(t, wrap, subsequent_indent="    ") for t in lines) for lines in texts]
-    heights = [max(1.3, 0.16 * (b.count("\n") + 1) + 0.3) for b in blocks]  # inches per row
-    fig, axes = plt.subplots(len(images), 2, figsize=(12, sum(heights)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 7], "height_ratios": heights})
-    for (ax_img, ax_txt), im, block in zip(axes, images, blocks):
-        ax_img.imshow(im, interpolation="nearest")
-        ax_txt.text(0, 0.5, block, va="center", fontsize=8.5, family="monospace")
-        ax_img.axis("off")
-        ax_txt.axis("off")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-TABLE_COLUMNS = ["BLEU-4", "METEOR", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "attr_precision", "attr_recall", "distinct"]
-
-
-def print_table(files):
-    """Score files (from --eval --out_json) as one markdown table, a row per file, README columns."""
-    rows = []
-    for f in files:
-        try:
-            scores = data.read_json(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read scores from {f}: {e}")
-        if not isinstance(scores, dict) or not any(c in scores for c in TABLE_COLUMNS):
-            print(f"skipped: {f} is not a score file of --eval --out_json", file=sys.stderr)
-            continue  # e.g. the *.captions.json beside a score file, when a glob catches both
-        rows.append([os.path.basename(f)[:-5] if f.endswith(".json") else f]
-                    + [f"{scores[c]:.1f}" if c in scores else "–" for c in TABLE_COLUMNS])
-    print("| run | " + " | ".join(TABLE_COLUMNS) + " |")
-    print("|---" * (len(TABLE_COLUMNS) + 1) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
     return 0
 
 
 def main(cfg):
     if cfg.table:
-        return print_table(cfg.table)
+        try:
+            print("\n".join(report.score_table(cfg.table)))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        return 0
     if not cfg.image and not cfg.split:
         raise SystemExit("error: nothing to caption; pass --image FILE_OR_FOLDER ... or --split test --eval")
     if cfg.method not in ("greedy", "beam", "sample"):

@@ -20,6 +20,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
+from nanocap.data.layout import atomic_write
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 
@@ -60,14 +61,12 @@ def unwrap(model):
 
 
 def save_checkpoint(path, model, **info):
-    """Write {"model": params, "model_args": ..., **info} atomically (temp file, then rename).
+    """Write {"model": params, "model_args": ..., **info} atomically (layout.atomic_write).
     info holds config, clip, tokenizer, stage, step, optimizer state, ... (plain types and tensors)."""
     model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {"version": CHECKPOINT_VERSION, "model": state, "model_args": model.model_args(), **info}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def read_checkpoint(path):

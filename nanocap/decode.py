@@ -21,6 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+# Beam search ranks finished beams by sum(logp) / length**LENGTH_PENALTY: 1.0 is the mean log-prob
+# per token, as ClipCap's beam search (the COCO yardstick) normalizes; 0 would be the raw sum,
+# which favours short captions. The one default: sample.py's --length_penalty refers to it.
+LENGTH_PENALTY = 1.0
+
 
 @dataclass
 class Generation:
@@ -94,7 +99,7 @@ def greedy(gpt, prefix, max_new_tokens=20, eos_id=50256):
 
 @torch.no_grad()
 def beam_search(gpt, prefix, beam_size=5, max_new_tokens=20, eos_id=50256,
-                length_penalty=1.0, num_return=1):
+                length_penalty=LENGTH_PENALTY, num_return=1):
     """Batched beam search: beam_size hypotheses per image, all images at once.
 
     Hypotheses are ranked during the search by their summed log-prob; a finished hypothesis
@@ -141,7 +146,7 @@ def beam_search(gpt, prefix, beam_size=5, max_new_tokens=20, eos_id=50256,
 
 
 def generate(gpt, prefix, method="greedy", max_new_tokens=20, eos_id=50256, beam_size=5,
-             length_penalty=1.0, num_return=1, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+             length_penalty=LENGTH_PENALTY, num_return=1, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One entry point for sample.py: method is 'greedy', 'beam' or 'sample'.
     num_return captions per image (rows grouped per image): the best beams, or independent samples."""
     if method == "greedy":

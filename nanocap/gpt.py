@@ -242,6 +242,8 @@ class GPT(nn.Module):
         """Write config.json + model.safetensors in Hugging Face GPT-2 format, the inverse of
         from_pretrained (the shapes world saves its toy GPT this way, so it loads like GPT-2)."""
         from safetensors.torch import save_file
+
+        from nanocap.data.layout import atomic_write
         os.makedirs(folder, exist_ok=True)
         c = self.config
         hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
@@ -252,7 +254,8 @@ class GPT(nn.Module):
             json.dump(hf, f, indent=2)
         sd = {k: (v.t() if k.endswith(_CONV1D) else v).detach().cpu().contiguous()
               for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied: stored once, as wte
-        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        weights = os.path.join(folder, "model.safetensors")
+        atomic_write(weights, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
 
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored (in, out): transpose them for nn.Linear

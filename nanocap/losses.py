@@ -1,27 +1,74 @@
 """
-Losses and rewards for semi-supervised CLIP-prefix captioning
-(Jin 2023, "Semi-Supervised Image Captioning with CLIP", arXiv 2306.15111).
+The method: both training objectives of Jin 2023, "Semi-Supervised Image Captioning with CLIP"
+(arXiv 2306.15111), and the pieces they are made of.
 
-Stage 1 (few labeled images):
-    L = caption_loss + lambda * contrastive term.
-    The contrastive term embeds the *generated* captions and the ground-truth
-    captions with CLIP's text encoder; the InfoNCE log-probability of a generated
-    caption matching its own ground truth (contrastive_reward) is a sequence reward,
-    optimized with REINFORCE since sampling is not differentiable.
-Stage 2 (unlabeled images):
-    REINFORCE with a CLIP reward, as in Cho et al. 2022 ("Fine-grained Image
-    Captioning with CLIP Reward", arXiv 2205.13115): reward CLIP-S (clip_s;
-    Hessel et al. 2021, "CLIPScore", arXiv 2104.08718), K samples per image, and a
-    baseline that is either the greedy caption's reward (self-critical, Rennie et al.
-    2017, arXiv 1612.00563) or the leave-one-out mean of the other samples (Luo 2020,
-    "A Better Variant of Self-Critical Sequence Training", arXiv 2003.09971),
-    plus a per-token KL penalty towards the frozen stage-1 policy (kl_penalty).
+Stage 1, few labeled images (stage1_loss):
+    L = CE(caption | prefix) + lambda * REINFORCE(contrastive reward)
+    K captions are sampled per image and embedded, with the ground truths, by CLIP's text
+    tower; the InfoNCE log-probability that a sample matches its own ground truth among the
+    batch's ground truths (contrastive_reward) is a sequence reward. Sampling is not
+    differentiable, so the reward is optimized with REINFORCE. lambda = 0 is plain ClipCap.
+Stage 2, unlabeled images (stage2_loss):
+    L = REINFORCE(CLIP-S) + beta * KL(pi || pi_stage1)
+    as in Cho et al. 2022 ("Fine-grained Image Captioning with CLIP Reward", arXiv 2205.13115):
+    K samples per image, reward CLIP-S (Hessel et al. 2021, arXiv 2104.08718), a baseline that
+    is the greedy caption's reward (self-critical, Rennie et al. 2017, arXiv 1612.00563) or the
+    leave-one-out mean of the other samples (Luo 2020, arXiv 2003.09971), and a per-token KL to
+    the frozen stage-1 policy, which keeps the captions fluent.
 
-All embeddings passed in here are assumed L2-normalized.
+All embeddings are L2-normalized (CLIPEncoder returns them so).
 """
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+
+from nanocap.decode import greedy, sample, token_logprobs
+from nanocap.tokenizer import caption_batch
+
+# -----------------------------------------------------------------------------
+# CLIP-S: the reward of stage 2, and a metric
+
+CLIP_PROMPT = "a photo depicts"  # Hessel et al.'s "A photo depicts"; CLIP's tokenizer lowercases
+
+
+def prompted(captions, prompt=CLIP_PROMPT):
+    """The texts CLIP-S embeds: prompt + " " + caption. The one place a prompt meets a caption."""
+    return [f"{prompt} {c}".strip() for c in captions]
+
+
+@torch.no_grad()
+def embed_captions(clip, captions, prompt=CLIP_PROMPT, batch=256):
+    """CLIP text embeddings (N, E), unit norm, of N prompted captions, `batch` texts at a time."""
+    texts = prompted(captions, prompt)
+    return torch.cat([clip.encode_text(texts[i:i + batch]) for i in range(0, len(texts), batch)])
+
+
+@torch.no_grad()
+def clip_s(image_emb, text_emb, w=2.5):
+    """
+    CLIP-S (Hessel et al. 2021) for paired normalized embeddings (N, D):
+        CLIP-S_i = w * max(cos(image_i, text_i), 0)
+    Returns (N,), detached.
+    """
+    cos = (image_emb * text_emb).sum(dim=-1)  # (N,)
+    return w * cos.clamp(min=0)
+
+
+@torch.no_grad()
+def clip_reward(clip, image_emb, captions, w=2.5, prompt=CLIP_PROMPT):
+    """CLIP-S of N captions for their images' CLIP embeddings (N, E) -> (N,)."""
+    return clip_s(image_emb, embed_captions(clip, captions, prompt).to(image_emb.device), w)
+
+
+def repetition_rate(captions):
+    """Share of captions with a word repeated back to back ("a red red circle"): the usual
+    symptom of a policy that games a CLIP reward (Cho et al. 2022)."""
+    def repeats(c):
+        w = c.split()
+        return any(a == b for a, b in zip(w, w[1:]))
+    return sum(map(repeats, captions)) / max(1, len(captions))
 
 # -----------------------------------------------------------------------------
 # supervised
@@ -35,20 +82,22 @@ def caption_loss(logits, tokens, prefix_len):
     tokens: (B, T) caption token ids, -100 at padding
     Position P-1+t predicts token t, so
         loss = mean over real tokens of  -log softmax(logits[:, P-1+t])[tokens[:, t]]
-    Prefix outputs and padding are ignored; token id 0 is an ordinary target.
+    Prefix outputs and padding are ignored; token id 0 is an ordinary target. Computed in
+    float32 whatever the logits' dtype (bf16 under autocast), so precision never depends on
+    the caller.
     """
     P, T = prefix_len, tokens.shape[1]
-    pred = logits[:, P - 1:P + T - 1]  # (B, T, V)
+    pred = logits[:, P - 1:P + T - 1].float()  # (B, T, V)
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tokens.reshape(-1), ignore_index=-100)
 
-
 # -----------------------------------------------------------------------------
-# contrastive (stage 1)
+# contrastive
 
 
 def info_nce(a, b, logit_scale):
     """
-    Symmetric InfoNCE (CLIP's loss) over paired normalized embeddings a, b: (N, D).
+    Symmetric InfoNCE, CLIP's own loss, over paired normalized embeddings a, b: (N, D).
+    Used to pretrain the shapes world's toy CLIPs (data/pretrain.py), not by the captioner.
 
         logits = logit_scale * a @ b^T                  (N, N)
         loss = 1/2 [ CE(logits, arange(N)) + CE(logits^T, arange(N)) ]
@@ -72,22 +121,6 @@ def contrastive_reward(gen_emb, gt_emb, temperature, k=1):
     logits = gen_emb @ gt_emb.T / temperature  # (N*k, N)
     own = torch.arange(gen_emb.shape[0], device=gen_emb.device) // k  # (N*k,)
     return F.log_softmax(logits, dim=1).gather(1, own[:, None]).squeeze(1)  # (N*k,)
-
-
-# -----------------------------------------------------------------------------
-# CLIP reward (stage 2)
-
-
-@torch.no_grad()
-def clip_s(image_emb, text_emb, w=2.5):
-    """
-    CLIP-S (Hessel et al. 2021) for paired normalized embeddings (N, D):
-        CLIP-S_i = w * max(cos(image_i, text_i), 0)
-    Returns (N,), detached.
-    """
-    cos = (image_emb * text_emb).sum(dim=-1)  # (N,)
-    return w * cos.clamp(min=0)
-
 
 # -----------------------------------------------------------------------------
 # policy gradient
@@ -149,3 +182,90 @@ def kl_penalty(logits, ref_logits, mask):
     kl = (logp.exp() * (logp - logq)).sum(dim=-1)  # (N, T)
     kl = kl.masked_fill(~mask.bool(), 0.0)
     return kl.sum() / mask.bool().sum().clamp(min=1)
+
+
+def sampled_logprobs(logits, tokens, temperature):
+    """Log-probs (N, T) of the sampled tokens under the distribution they were drawn from,
+    softmax(logits / temperature): REINFORCE is on-policy only with these."""
+    return token_logprobs(logits / temperature if temperature != 1 else logits, tokens)
+
+# -----------------------------------------------------------------------------
+# the two objectives
+#
+# `model` is the plain Captioner: sampling needs model.prefix and model.gpt, which a DDP or
+# torch.compile wrapper does not expose. `forward` is the same model as it is trained (wrapped
+# or not; default `model`): the one forward pass with gradients goes through it, so that DDP
+# sees it and all-reduces the gradients. `autocast` wraps that forward (default: none).
+
+
+def stage1_loss(model, features, captions, clip, tok, *, weight, k=2, tau=None, baseline_kind="mean",
+                temperature=1.0, max_new_tokens=40, max_caption_tokens=48, generator=None,
+                forward=None, autocast=None):
+    """
+    Stage 1 on B labeled images, one reference caption each: CE + weight * contrastive REINFORCE.
+    features (B, D) CLIP image features; captions: B strings; tau: the contrastive temperature
+    (None: CLIP's own, 1 / logit_scale). Returns (loss, stats).
+    """
+    forward, autocast = forward or model, autocast or nullcontext()
+    idx, tgt = caption_batch(tok, captions, max_caption_tokens, features.device)  # (B, T), -100-padded
+    if weight == 0:
+        with autocast:
+            logits = forward(features, idx)  # (B, P+T, V)
+        ce = caption_loss(logits, tgt, model.prefix_len)
+        return ce, {"loss": ce.item(), "ce": ce.item()}
+    tau = tau or 1.0 / clip.logit_scale
+    with torch.no_grad():  # K samples per image from the current policy
+        prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
+        g = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
+        gen_emb = clip.encode_text([tok.decode(t) for t in g.tokens.tolist()])  # (B*K, E)
+        gt_emb = clip.encode_text(captions)  # (B, E)
+        reward = contrastive_reward(gen_emb, gt_emb, tau, k=k)  # (B*K,)
+        greedy_r = None
+        if baseline_kind == "greedy":
+            gg = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
+            greedy_r = contrastive_reward(clip.encode_text([tok.decode(t) for t in gg.tokens.tolist()]), gt_emb, tau)
+        base = baseline(reward, k, baseline_kind, greedy_r)  # (B*K,)
+    # one forward for both terms (DDP allows one per backward): ground truths, then samples
+    B, P, T = len(captions), model.prefix_len, max(idx.size(1), g.tokens.size(1))
+    pad = lambda x, v: F.pad(x, (0, T - x.size(1)), value=v)
+    with autocast:
+        logits = forward(torch.cat([features, features.repeat_interleave(k, dim=0)]),
+                         torch.cat([pad(idx, tok.eos_id), pad(g.tokens, tok.eos_id)]))  # (B + B*K, P+T, V)
+    ce = caption_loss(logits[:B], pad(tgt, -100), P)
+    logprobs = sampled_logprobs(logits[B:, P - 1:P - 1 + g.tokens.size(1)], g.tokens, temperature)  # (B*K, Tg)
+    rl = reinforce_loss(logprobs, g.mask, reward, base)
+    loss = ce + weight * rl
+    return loss, {"loss": loss.item(), "ce": ce.item(), "contrastive_reward": reward.mean().item(),
+                  "contrastive_rl": rl.item(), "gen_len": g.lengths().float().mean().item()}
+
+
+def stage2_loss(model, reference, features, clip, tok, *, k=5, reward_weight=2.5, kl_weight=0.1,
+                baseline_kind="mean", prompt=CLIP_PROMPT, temperature=1.0, max_new_tokens=40,
+                generator=None, forward=None, autocast=None):
+    """
+    Stage 2 on B unlabeled images (features only, (B, D)): REINFORCE with the CLIP-S reward of
+    K samples per image + kl_weight * KL to `reference`, the frozen stage-1 Captioner. `clip`
+    must be the CLIP that made the features. Returns (loss, stats).
+    """
+    forward, autocast = forward or model, autocast or nullcontext()
+    with torch.no_grad():
+        feats_k = features.repeat_interleave(k, dim=0)  # (B*K, D)
+        prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
+        g = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
+        texts = [tok.decode(t) for t in g.tokens.tolist()]
+        reward = clip_reward(clip, feats_k, texts, reward_weight, prompt)  # (B*K,)
+        greedy_r = None
+        if baseline_kind == "greedy":
+            gg = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
+            greedy_r = clip_reward(clip, features, [tok.decode(t) for t in gg.tokens.tolist()], reward_weight, prompt)
+        base = baseline(reward, k, baseline_kind, greedy_r)  # (B*K,)
+        P = reference.prefix_len
+        ref_logits = reference(feats_k, g.tokens[:, :-1])[:, P - 1:]  # (B*K, T, V) the stage-1 policy
+    with autocast:
+        logits = forward(feats_k, g.tokens[:, :-1])[:, model.prefix_len - 1:]  # (B*K, T, V)
+    rl = reinforce_loss(sampled_logprobs(logits, g.tokens, temperature), g.mask, reward, base)
+    kl = kl_penalty(logits, ref_logits, g.mask)  # of the policy itself, at temperature 1
+    loss = rl + kl_weight * kl
+    return loss, {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.std().item(),
+                  "baseline": base.mean().item(), "kl": kl.item(), "gen_len": g.lengths().float().mean().item(),
+                  "repetition": repetition_rate(texts)}

@@ -18,6 +18,7 @@ import importlib.util
 import os
 
 import tiktoken
+import torch
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str  # the regex that splits text before BPE
 
@@ -124,6 +125,19 @@ def get_tokenizer(name="gpt2", vocab=None):
     if name != "gpt2":
         raise ValueError(f"unknown tokenizer {name!r}; nanocap uses 'gpt2'")
     return Tokenizer(vocab)
+
+
+def caption_batch(tok, captions, max_tokens=None, device=None):
+    """Captions -> (inputs (B, T), targets (B, T)): each caption's tokens + EOS, cut to max_tokens.
+    Targets are padded with -100 (ignored by the loss); inputs with EOS (their outputs only predict
+    padding). A captioner reads inputs after its prefix; a language model reads [EOS] + inputs[:, :-1]."""
+    rows = [tok.encode(c)[: max_tokens - 1 if max_tokens else None] + [tok.eos_id] for c in captions]
+    T = max(len(r) for r in rows)
+    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        targets[i, : len(r)] = torch.tensor(r)
+    inputs = targets.masked_fill(targets == -100, tok.eos_id)
+    return inputs.to(device), targets.to(device)
 
 
 def build_vocab(texts, tokenizer=None):

@@ -15,7 +15,7 @@ def tiny_shapes(tmp_path_factory):
     import data_prep
 
     root = tmp_path_factory.mktemp("tiny") / "shapes"
-    cfg = data_prep.Config(data_dir=str(root), n_web=128, n_train=120, n_val=16, n_test=16,
+    cfg = data_prep.ShapesConfig(data_dir=str(root), n_web=128, n_train=120, n_val=16, n_test=16,
                            clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7)
     data_prep.prepare_shapes(cfg)
     return str(root)
@@ -28,6 +28,6 @@ def tiny_run(tmp_path_factory, tiny_shapes):
     import train
 
     out = tmp_path_factory.mktemp("run")
-    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=4, eval_interval=1000,
+    train.main(train.Config(stage=1, data_dir=tiny_shapes, out_dir=str(out), max_iters=4, eval_interval=1000,
                             batch_size=4, contrastive_weight=0.0))
     return str(out)

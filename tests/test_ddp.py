@@ -1,9 +1,5 @@
 """DDP on 2 CPU processes (gloo): the gradients equal one process's on the same global batch, and
 train.py runs under torchrun."""
-import os
-import subprocess
-import sys
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,8 +9,7 @@ from nanocap.captioner import Captioner, read_checkpoint
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.losses import caption_loss
 from nanocap.mapper import build_mapper
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import cli
 
 
 def make_model():
@@ -55,11 +50,9 @@ def test_ddp_gradients_match_single_process(tmp_path):
 
 def test_train_py_under_torchrun(tmp_path, tiny_shapes):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--data_dir", tiny_shapes, "--out_dir", str(out), "--max_iters", "3", "--eval_interval", "1000",
-           "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+            "--data_dir", tiny_shapes, "--out_dir", out, "--max_iters", "3", "--eval_interval", "1000",
+            "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5", OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = read_checkpoint(out / "stage1.pt")
     assert ckpt["step"] == 3

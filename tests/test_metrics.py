@@ -1,4 +1,4 @@
-"""Tests for nanocap.metrics: pycocoevalcap called directly, hand-computed CLIP scores with a
+"""Tests for nanocap.tools.metrics: pycocoevalcap called directly, hand-computed CLIP scores with a
 fake CLIP, retrieval, shapes-world attributes, diversity, and the Java/SPICE fallbacks."""
 
 import math
@@ -13,7 +13,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from nanocap import metrics, shapes
+from nanocap.data import shapes
+from nanocap.tools import metrics
 
 JAVA = metrics.java_available()
 needs_java = pytest.mark.skipif(not JAVA, reason="java not on PATH (METEOR and the PTB tokenizer need it)")
@@ -208,17 +209,18 @@ def test_clip_metrics_clear_errors():
 
 
 def test_attribute_scores_on_shapes_scenes():
+    attr = lambda captions, scenes: metrics.attribute_scores(captions, scenes, shapes.attribute_scores)
     rng = random.Random(0)
     scenes = [shapes.sample_scene(rng) for _ in range(4)]
     full = [shapes.caption(s, rng, "full") for s in scenes]
-    assert metrics.attribute_scores(full, scenes) == {"attr_precision": 100.0, "attr_recall": 100.0}
+    assert attr(full, scenes) == {"attr_precision": 100.0, "attr_recall": 100.0}
     good, bad = shapes.corrupt(scenes[0], rng, "colour")  # bad names a colour not in the scene
-    assert metrics.attribute_scores([good], scenes[:1])["attr_precision"] == 100.0
-    assert metrics.attribute_scores([bad], scenes[:1])["attr_precision"] < 100.0
+    assert attr([good], scenes[:1])["attr_precision"] == 100.0
+    assert attr([bad], scenes[:1])["attr_precision"] < 100.0
     # a caption that claims nothing: precision 1.0 by shapes' convention, recall 0
-    assert metrics.attribute_scores(["hello"], scenes[:1]) == {"attr_precision": 100.0, "attr_recall": 0.0}
+    assert attr(["hello"], scenes[:1]) == {"attr_precision": 100.0, "attr_recall": 0.0}
     per = [shapes.attribute_scores(c, s) for c, s in zip([bad, "hello"], scenes[:2])]
-    both = metrics.attribute_scores([bad, "hello"], scenes[:2])
+    both = attr([bad, "hello"], scenes[:2])
     assert both["attr_precision"] == pytest.approx(50 * (per[0]["precision"] + per[1]["precision"]))
     assert both["attr_recall"] == pytest.approx(50 * (per[0]["recall"] + per[1]["recall"]))
 
@@ -236,7 +238,8 @@ def test_evaluate_captions_and_table(monkeypatch, capsys):
     fake = FakeCLIP(prompted(vectors))
     rng = random.Random(1)
     scenes = [shapes.sample_scene(rng) for _ in cands]
-    scores = metrics.evaluate_captions(cands, refs, clip=fake, image_features=torch.eye(5, 3), scenes=scenes)
+    scores = metrics.evaluate_captions(cands, refs, clip=fake, image_features=torch.eye(5, 3), scenes=scenes,
+                                       attribute_scorer=shapes.attribute_scores)
     assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S",
                             "R@1", "R@5", "R@10", "attr_precision", "attr_recall", "distinct", "mean_length"]
     assert scores["CIDEr"] == metrics.coco_scores(CANDIDATES, REFERENCES)["CIDEr"]
@@ -244,3 +247,5 @@ def test_evaluate_captions_and_table(monkeypatch, capsys):
     assert len(table.splitlines()) == 2 + len(scores) and "RefCLIP-S" in table and f"{scores['CIDEr']:.2f}" in table
     with pytest.raises(ValueError, match="both clip and image_features"):
         metrics.evaluate_captions(cands, refs, clip=fake)
+    with pytest.raises(ValueError, match="attribute_scorer"):  # metrics knows no world: it is told how to score
+        metrics.evaluate_captions(cands, refs, scenes=scenes)

@@ -1,4 +1,4 @@
-"""Tests for nanocap/pretrain.py: the shapes world's toy CLIPs and GPT train, save in the real
+"""Tests for nanocap/data/pretrain.py: the shapes world's toy CLIPs and GPT train, save in the real
 formats and load back through CLIPEncoder and GPT.from_pretrained. Offline, tiny, a few seconds."""
 
 import json
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanocap import decode, pretrain, shapes
+from nanocap import decode, losses
 from nanocap.clip_encoder import CLIPEncoder
+from nanocap.data import pretrain, shapes
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.losses import info_nce
 from nanocap.tokenizer import build_vocab, get_tokenizer
@@ -60,7 +61,7 @@ def test_clip_loss_falls(data, tiny_clip):
 def test_saved_clip_loads_with_identical_features(data, tiny_clip):
     _, images, captions = data
     model, encoder = tiny_clip
-    texts = [pretrain.PROMPT + c[1] for c in captions[:8]] + ["", "a red circle " * 20]  # empty, truncated
+    texts = losses.prompted([c[1] for c in captions[:8]]) + ["", "a red circle " * 20]  # empty, truncated
     with torch.no_grad():
         image_ref = F.normalize(model.encode_image(pretrain.to_clip_input(images[:8])), dim=-1)
         text_ref = F.normalize(model.encode_text(pretrain.clip_tokenizer(CFG)(texts)), dim=-1)
@@ -106,14 +107,6 @@ def test_clip_report(tiny_clip):
     assert set(report) == set(fractions + scores)
     assert all(0.0 <= report[k] <= 1.0 for k in fractions)
     assert all(0.0 <= report[k] <= 2.5 for k in scores)
-
-
-def test_param_groups_split():
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    decay, no_decay = pretrain.param_groups(model, 0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert [p.shape for p in decay["params"]] == [(4, 4)]  # only the linear weight
-    assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
 
 
 def test_lm_overfits_saves_and_writes_a_training_caption(tmp_path):

@@ -16,10 +16,11 @@ from safetensors.torch import load_file, save_file
 import data_prep
 import sample
 import train
-from nanocap import data, metrics, real_data
 from nanocap.captioner import read_checkpoint
-from nanocap.cli import parse_config
-from nanocap.shapes import captions, make_split, render
+from nanocap.data import layout, real
+from nanocap.data.shapes import captions, make_split, render
+from nanocap.tools import metrics
+from nanocap.tools.cli import parse_config
 
 from tests.helpers import cli
 
@@ -81,12 +82,12 @@ def coco_dir(tmp_path_factory, models, fake_coco):
 
 
 def test_coco_layout_meta_and_skipped_image(coco_dir, models):
-    meta = data.read_json(coco_dir / "meta.json")
+    meta = layout.read_json(coco_dir / "meta.json")
     assert meta["clip"] == meta["eval_clip"] == "ViT-B-32-quickgelu"
     assert meta["clip_weights"] == meta["eval_clip_weights"] == models["clip"] and meta["gpt"] == models["gpt"]
-    assert meta["features_normalized"] is True and meta["clip_prompt"] == "a photo depicts"
+    assert meta["features_normalized"] is True
     assert meta["splits"] == {"train": 4, "val": 2, "test": 2} and meta["train_captioned"] == 4
-    records = data.read_jsonl(coco_dir / "train" / "captions.jsonl")
+    records = layout.read_jsonl(coco_dir / "train" / "captions.jsonl")
     assert [r["image_id"] for r in records] == [1000, 1001, 1002, 1003]  # restval joined train, 1099 dropped
     assert all(len(r["captions"]) == 5 and r["captions"][0] == r["captions"][0].strip() for r in records)
     skipped = (coco_dir / "train" / "skipped.txt").read_text().splitlines()
@@ -129,14 +130,14 @@ def test_coco_rerun_reuses_shards(coco_dir, models, fake_coco, monkeypatch):
     shards = sorted((coco_dir / "train" / "shards").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in shards]
     feats = load_file(coco_dir / "train" / "features.safetensors")["features"]
-    records = data.read_jsonl(coco_dir / "train" / "captions.jsonl")
+    records = layout.read_jsonl(coco_dir / "train" / "captions.jsonl")
     os.remove(coco_dir / "train" / "captions.jsonl")  # as if killed after its last shard
     os.remove(coco_dir / "train" / "features.safetensors")
-    monkeypatch.setattr(real_data, "CLIPEncoder", lambda *a, **k: pytest.fail("a CLIP was loaded to encode again"))
+    monkeypatch.setattr(real, "CLIPEncoder", lambda *a, **k: pytest.fail("a CLIP was loaded to encode again"))
     prep_coco(coco_dir, models, fake_coco, "--num_workers", "0")
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
     assert torch.equal(load_file(coco_dir / "train" / "features.safetensors")["features"], feats)
-    assert data.read_jsonl(coco_dir / "train" / "captions.jsonl") == records
+    assert layout.read_jsonl(coco_dir / "train" / "captions.jsonl") == records
 
 
 def test_own_folder_uncaptioned_images_are_the_unlabeled_pool(tmp_path, models, capsys):
@@ -156,16 +157,16 @@ def test_own_folder_uncaptioned_images_are_the_unlabeled_pool(tmp_path, models, 
     data_prep.main(["--dataset", "folder", "--images", str(photos), "--captions", str(tmp_path / "captions.jsonl"),
                     "--data_dir", str(data_dir), "--clip_weights", models["clip"], "--gpt", models["gpt"],
                     "--batch_size", "4", "--num_workers", "0"])
-    meta = data.read_json(data_dir / "meta.json")
+    meta = layout.read_json(data_dir / "meta.json")
     assert meta["splits"] == {"train": 5, "val": 1, "test": 1} and meta["train_captioned"] == 2
     # the two malformed lines (6 and 7) were skipped, counted and listed; the run completed
     report = (data_dir / "bad_caption_lines.txt").read_text().splitlines()
     assert [l.split(": ")[0] for l in report] == [f"{tmp_path / 'captions.jsonl'}:6", f"{tmp_path / 'captions.jsonl'}:7"]
     assert "skipped 2 malformed line(s)" in capsys.readouterr().out
-    records = data.read_jsonl(data_dir / "train" / "captions.jsonl")
+    records = layout.read_jsonl(data_dir / "train" / "captions.jsonl")
     assert all(r["captions"] for r in records[:2]) and [r["captions"] for r in records[2:]] == [[], [], []]
     assert sorted(os.path.relpath(r["image"], photos) for r in records[2:]) == ["e.jpg", "f.png", "sub/g.jpg"]
-    assert data.labeled_split(5, 1.0, 0, meta["train_captioned"]) == ([0, 1], [2, 3, 4])
+    assert layout.labeled_split(5, 1.0, 0, meta["train_captioned"]) == ([0, 1], [2, 3, 4])
     out = tmp_path / "out"
     common = dict(data_dir=str(data_dir), out_dir=str(out), eval_interval=1000, max_new_tokens=8, labeled_fraction=1.0)
     capsys.readouterr()
@@ -185,10 +186,10 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
         data_prep.main(["--dataset", "coco", "--data_dir", str(tmp_path / "c")])
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}:2: not valid JSON")):
         (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "captions": ["a shape"]}\n{oops\n')
-        data.read_jsonl(tmp_path / "bad.jsonl")  # strict reading (train.py, sample.py) names the line
+        layout.read_jsonl(tmp_path / "bad.jsonl")  # strict reading (train.py, sample.py) names the line
 
 
 def test_train_refuses_a_clip_other_than_the_features(tmp_path, coco_dir):
-    r = cli("train.py", "--data_dir", coco_dir, "--out_dir", tmp_path / "out", "--clip", "ViT-B-16")
+    r = cli("train.py", "--stage", "1", "--data_dir", coco_dir, "--out_dir", tmp_path / "out", "--clip", "ViT-B-16")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert len(error_lines(r)) == 1 and "data_prep.py --clip ViT-B-16" in error_lines(r)[0]
+    assert len(error_lines(r)) == 1 and "data_prep.py --dataset coco --clip ViT-B-16" in error_lines(r)[0]

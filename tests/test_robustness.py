@@ -10,7 +10,7 @@ from PIL import Image
 import train
 from nanocap import losses
 from nanocap.captioner import read_checkpoint
-from nanocap.shapes import make_split, render
+from nanocap.data.shapes import make_split, render
 
 from tests.helpers import cli
 
@@ -88,7 +88,7 @@ def test_resume_with_a_different_model_is_one_line(tmp_path, tiny_run, tiny_shap
     out = tmp_path / "out"
     out.mkdir()
     (out / "stage1.pt").write_bytes(open(os.path.join(tiny_run, "stage1.pt"), "rb").read())
-    r = cli("train.py", "--data_dir", tiny_shapes, "--out_dir", str(out), "--resume", "--prefix_len", "4",
+    r = cli("train.py", "--stage", "1", "--data_dir", tiny_shapes, "--out_dir", str(out), "--resume", "--prefix_len", "4",
             "--max_iters", "3")
     assert_one_line_error(r, "stage1.pt", "prefix_len")
 
@@ -119,7 +119,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shapes
     monkeypatch.setattr(losses, "caption_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="nan.*stage1.pt.*--resume"):
-        train.main(train.Config(data_dir=tiny_shapes, out_dir=str(out), max_iters=8, eval_interval=2,
+        train.main(train.Config(stage=1, data_dir=tiny_shapes, out_dir=str(out), max_iters=8, eval_interval=2,
                                 batch_size=4, contrastive_weight=0.0))
     ckpt = read_checkpoint(out / "stage1.pt")
     assert ckpt["step"] == 4  # saved at the last eval before the bad step

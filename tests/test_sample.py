@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanocap.images import ImageError, load_image
-from nanocap.shapes import make_split, render
+from nanocap.data.images import ImageError, load_image
+from nanocap.data.shapes import make_split, render
 
 from tests.helpers import cli
 

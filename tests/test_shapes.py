@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from nanocap import shapes
-from nanocap.shapes import (COLOURS, EXTENT, SHAPES, SIZES, attribute_scores, caption, captions, corrupt,
+from nanocap.data import shapes
+from nanocap.data.shapes import (COLOURS, EXTENT, SHAPES, SIZES, attribute_scores, caption, captions, corrupt,
                             make_split, parse, relations, render, sample_kind)
 
 # a hand-made scene: a small red circle on the left, a large blue square on the right

@@ -1,26 +1,27 @@
-"""train.py on a miniature shapes world: stage 1 learns, stage 2 raises its reward without ever
-reading an unlabeled caption, resume is exact, and DDP matches a single process."""
+"""train.py on a miniature shapes world: stage 1 learns, its contrastive term reaches the gradient,
+stage 2 raises its reward without ever reading an unlabeled caption, both stages in one run equal
+two runs, and resume is exact."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import train
-from nanocap import data
+from nanocap import losses
 from nanocap.captioner import load_captioner, read_checkpoint
+from nanocap.clip_encoder import CLIPEncoder
+from nanocap.data import layout
+from nanocap.tokenizer import caption_batch, get_tokenizer
+from tests.helpers import cli, cli_start
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def run(tmp_path, data_dir, **kw):
-    cfg = train.Config(data_dir=data_dir, out_dir=str(tmp_path / "out"), eval_interval=1000, log_interval=1, **kw)
+def run(out_dir, data_dir, **kw):
+    cfg = train.Config(data_dir=data_dir, out_dir=str(out_dir), eval_interval=1000, log_interval=1, **kw)
     train.main(cfg)
-    return [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
 def losses_of(log, key, stage):
@@ -28,7 +29,7 @@ def losses_of(log, key, stage):
 
 
 def test_stage1_overfits_a_few_images(tmp_path, tiny_shapes):
-    log = run(tmp_path, tiny_shapes, labeled_fraction=0.04, batch_size=5, max_iters=60, lr=3e-3,
+    log = run(tmp_path / "out", tiny_shapes, stage=1, labeled_fraction=0.04, batch_size=5, max_iters=60, lr=3e-3,
               warmup_iters=5, contrastive_weight=0.0)  # 5 labeled images
     ce = losses_of(log, "ce", 1)
     assert len(ce) == 60
@@ -41,22 +42,54 @@ def test_stage1_overfits_a_few_images(tmp_path, tiny_shapes):
     assert (tmp_path / "out" / "stage1.png").exists()
 
 
-def test_stage1_contrastive_term_runs(tmp_path, tiny_shapes):
-    log = run(tmp_path, tiny_shapes, batch_size=4, max_iters=3, contrastive_samples=2, contrastive_weight=0.5)
-    assert all(r <= 0 for r in losses_of(log, "contrastive_reward", 1))  # a log-probability
+def stage1_grads(model, clip, tok, feats, refs, weight, seed=0):
+    """Gradients of losses.stage1_loss at this weight, sampling from a generator seeded `seed`."""
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(seed)
+    loss, stats = losses.stage1_loss(model, feats, refs, clip, tok, weight=weight, k=2, generator=gen)
+    loss.backward()
+    return flat_grad(model), stats
+
+
+def flat_grad(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+def test_contrastive_term_reaches_the_gradient_and_lambda_0_is_cross_entropy(tmp_path, tiny_run, tiny_shapes):
+    model, ckpt = load_captioner(os.path.join(tiny_run, "stage1.pt"))
+    model.train()
+    tok = get_tokenizer(**ckpt["tokenizer"])
+    clip = CLIPEncoder(ckpt["clip"]["name"], ckpt["clip"]["weights"])
+    val = layout.read_jsonl(os.path.join(tiny_shapes, "val", "captions.jsonl"))[:6]
+    feats = layout.load_features(os.path.join(tiny_shapes, "val", "features.safetensors"))[:6]
+    refs = [r["captions"][0] for r in val]
+
+    g0, _ = stage1_grads(model, clip, tok, feats, refs, weight=0.0)
+    idx, tgt = caption_batch(tok, refs, 48)
+    model.zero_grad(set_to_none=True)
+    losses.caption_loss(model(feats, idx), tgt, model.prefix_len).backward()
+    ce_only = flat_grad(model)
+    assert torch.allclose(g0, ce_only, atol=1e-6)  # λ = 0: nothing but the cross-entropy
+
+    g_half, stats = stage1_grads(model, clip, tok, feats, refs, weight=0.5)
+    g_one, _ = stage1_grads(model, clip, tok, feats, refs, weight=1.0)
+    rl = g_one - g0  # the same samples (same seed): the gradient of the REINFORCE term alone
+    assert rl.norm() > 1e-3 * g0.norm(), "λ > 0 left the gradient unchanged"
+    assert torch.allclose(g_half - g0, 0.5 * rl, rtol=1e-4, atol=1e-5)  # and it is scaled by λ
+    assert stats["contrastive_rl"] != 0.0
 
 
 def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_shapes, monkeypatch):
-    run(tmp_path, tiny_shapes, batch_size=8, max_iters=30, lr=3e-3, contrastive_weight=0.0)
+    run(tmp_path / "out", tiny_shapes, stage=1, batch_size=8, max_iters=30, lr=3e-3, contrastive_weight=0.0)
     train_captions = os.path.join(tiny_shapes, "train", "captions.jsonl")
-    real_read = data.read_jsonl
+    real_read = layout.read_jsonl
 
     def guarded(path):  # any read of the train captions in stage 2 fails the test
         assert os.path.abspath(path) != os.path.abspath(train_captions), "stage 2 read the train captions"
         return real_read(path)
 
-    monkeypatch.setattr(data, "read_jsonl", guarded)
-    log = run(tmp_path, tiny_shapes, stage=2, stage2_iters=40, stage2_batch_size=8, samples_per_image=4,
+    monkeypatch.setattr(layout, "read_jsonl", guarded)
+    log = run(tmp_path / "out", tiny_shapes, stage=2, stage2_iters=40, stage2_batch_size=8, samples_per_image=4,
               stage2_lr=3e-3, kl_weight=0.0, baseline="mean")
     reward = losses_of(log, "reward", 2)
     assert len(reward) == 40
@@ -65,19 +98,31 @@ def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_
     for key in ("reward_std", "baseline", "kl", "gen_len", "repetition"):
         assert key in last_step
     with pytest.raises(RuntimeError, match="never read"):
-        data.Unlabeled(torch.zeros(2, 4)).captions
+        layout.Unlabeled(torch.zeros(2, 4)).captions
+
+
+def test_no_stage_runs_stage_1_then_stage_2_as_two_runs_do(tmp_path, tiny_shapes, capsys):
+    kw = dict(batch_size=4, max_iters=3, contrastive_weight=0.0, stage2_iters=3, stage2_batch_size=4,
+              samples_per_image=2, stage2_warmup_iters=2, stage2_lr=1e-3)
+    both = run(tmp_path / "both", tiny_shapes, **kw)  # no stage: 1, then 2 from its checkpoint
+    assert "finetune_gpt = True" in capsys.readouterr().out  # stage 2 says what it inherits
+    run(tmp_path / "apart", tiny_shapes, stage=1, **kw)
+    run(tmp_path / "apart", tiny_shapes, stage=2, **kw)
+    a, _ = load_captioner(tmp_path / "both" / "stage2.pt")
+    b, ckpt = load_captioner(tmp_path / "apart" / "stage2.pt")
+    assert ckpt["stage"] == 2 and ckpt["init_from"].endswith("stage1.pt")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert losses_of(both, "lr", 2)[:2] == [5e-4, 1e-3]  # --stage2_warmup_iters 2: linear warmup
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
-    args = ["--data_dir", tiny_shapes, "--max_iters", "12", "--eval_interval", "2", "--log_interval", "1",
-            "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    args = ["--stage", "1", "--data_dir", tiny_shapes, "--max_iters", "12", "--eval_interval", "2",
+            "--log_interval", "1", "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
     a = tmp_path / "a"
-    subprocess.run([sys.executable, "train.py", "--out_dir", str(a)] + args, cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    assert cli("train.py", "--out_dir", a, *args).returncode == 0
     b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(b)] + args, cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli_start("train.py", "--out_dir", b, *args)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 once a checkpoint exists, mid-run
         if (b / "stage1.pt").exists() and proc.poll() is None:
@@ -88,8 +133,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     proc.wait()
     step = read_checkpoint(b / "stage1.pt")["step"]
     assert 0 < step < 12, "the kill should land mid-run"
-    subprocess.run([sys.executable, "train.py", "--out_dir", str(b), "--resume"] + args, cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    assert cli("train.py", "--out_dir", b, "--resume", *args).returncode == 0
     ma, _ = load_captioner(a / "stage1.pt")
     mb, ckpt_b = load_captioner(b / "stage1.pt")
     assert ckpt_b["step"] == 12

@@ -1,5 +1,5 @@
 """
-COCO Karpathy split and user folders into nanocap's layout (nanocap/data.py).
+COCO Karpathy split and user folders into nanocap's layout (nanocap/data/layout.py).
 
 Real images differ from the shapes world in three ways, and this file handles each:
   1. they live elsewhere (a COCO download, your photo folder): records point at them by absolute
@@ -40,13 +40,12 @@ import time
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from nanocap import data
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.images import IMAGE_EXTENSIONS, ImageError, load_image
-from nanocap.train_utils import pick_device
+from nanocap.data import layout
+from nanocap.data.images import IMAGE_EXTENSIONS, ImageError, load_image
+from nanocap.tools.training import pick_device
 
 # -----------------------------------------------------------------------------
 # encoding image files, each once
@@ -133,11 +132,8 @@ def encode_sharded(clip, paths, folder, cfg, desc):
         source = _digest([clip.id] + part)
         if _header(path).get("source") != source:
             feats, unreadable = encode_images(clip.get(), part, cfg.batch_size, cfg.num_workers, f"shard {k}")
-            tmp = f"{path}.tmp{os.getpid()}"
-            save_file({"features": feats.to(torch.float16).contiguous()}, tmp,
-                      metadata={"source": source, "clip": clip.name, "clip_weights": clip.weights,
-                                "unreadable": json.dumps({str(i): why for i, why in unreadable})})
-            os.replace(tmp, path)  # atomic: a killed run leaves no half shard
+            layout.save_features(path, feats, source=source, clip=clip.name, clip_weights=clip.weights,
+                                 unreadable=json.dumps({str(i): why for i, why in unreadable}))
         with safe_open(path, "pt") as f:
             chunks.append(f.get_tensor("features"))  # (n, D) float16
             bad.update({lo + int(i): why for i, why in json.loads(f.metadata()["unreadable"]).items()})
@@ -147,13 +143,13 @@ def encode_sharded(clip, paths, folder, cfg, desc):
 def write_split(cfg, split, records, clip, eval_clip):
     """Encode the images of `records` ({"image": absolute path, "captions": [...], ...} each) and write
     the split's files, unreadable images dropped everywhere. Returns (records kept, skipped count)."""
-    folder = data.split_dir(cfg.data_dir, split)
+    folder = layout.split_dir(cfg.data_dir, split)
     os.makedirs(folder, exist_ok=True)
     index = os.path.join(folder, "captions.jsonl")
     clips = [clip] + ([eval_clip] if split in ("val", "test") else [])
     source = _digest([c.id for c in clips] + [json.dumps(r) for r in records])
     if os.path.exists(index) and _header(os.path.join(folder, "features.safetensors")).get("source") == source:
-        kept = data.read_jsonl(index)
+        kept = layout.read_jsonl(index)
         print(f"{split}: {len(kept)} images, reused")
         return kept, len(records) - len(kept)
     if os.path.exists(index):
@@ -174,14 +170,14 @@ def write_split(cfg, split, records, clip, eval_clip):
         tqdm.write(f"skipped: {bad[i]}")
     if len(bad) > 20:
         tqdm.write(f"skipped: ... and {len(bad) - 20} more")
-    data.atomic_write_bytes(os.path.join(folder, "skipped.txt"), "".join(f"{bad[i]}\n" for i in sorted(bad)).encode())
-    data.save_features(os.path.join(folder, "features.safetensors"), feats[keep], clip=clip.name,
+    layout.atomic_write_bytes(os.path.join(folder, "skipped.txt"), "".join(f"{bad[i]}\n" for i in sorted(bad)).encode())
+    layout.save_features(os.path.join(folder, "features.safetensors"), feats[keep], clip=clip.name,
                        clip_weights=clip.weights, normalized=True, source=source)
     if eval_feats is not None:
-        data.save_features(os.path.join(folder, "features_eval.safetensors"), eval_feats[keep], clip=eval_clip.name,
+        layout.save_features(os.path.join(folder, "features_eval.safetensors"), eval_feats[keep], clip=eval_clip.name,
                            clip_weights=eval_clip.weights, normalized=True)
     kept = [records[i] for i in keep]
-    data.write_jsonl(index, kept)  # last: its presence means the split is complete
+    layout.write_jsonl(index, kept)  # last: its presence means the split is complete
     print(f"{split}: {len(kept)} images" + (f", {len(bad)} unreadable skipped (listed in {folder}/skipped.txt)" if bad else ""))
     return kept, len(bad)
 
@@ -198,7 +194,7 @@ def read_karpathy(cfg):
         raise SystemExit(f"error: --karpathy_json {cfg.karpathy_json!r} is not a file; pass Karpathy's dataset_coco.json "
                          f"(see the README, Real data)")
     try:
-        images = data.read_json(cfg.karpathy_json)["images"]
+        images = layout.read_json(cfg.karpathy_json)["images"]
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {cfg.karpathy_json} is not a Karpathy split file ({type(e).__name__}: {e}); "
                          f'expected {{"images": [{{"filepath", "filename", "split", "cocoid", "sentences"}}, ...]}}')
@@ -229,10 +225,10 @@ def read_folder(cfg):
                          f'{{"image": "photo.jpg", "captions": ["...", ...]}} per line')
     root = os.path.abspath(cfg.images)
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-    lines, problems = data.parse_jsonl(cfg.captions)  # malformed lines are skipped, counted and listed
+    lines, problems = layout.parse_jsonl(cfg.captions)  # malformed lines are skipped, counted and listed
     os.makedirs(cfg.data_dir, exist_ok=True)
     report = os.path.join(cfg.data_dir, "bad_caption_lines.txt")
-    data.atomic_write_bytes(report, "".join(p + "\n" for p in problems).encode())
+    layout.atomic_write_bytes(report, "".join(p + "\n" for p in problems).encode())
     for p in problems[:5]:
         print(f"skipped: {p}")
     if problems:
@@ -273,7 +269,7 @@ def prepare(cfg):
             raise SystemExit(f"error: unknown split {s!r} in --splits; use train, val, test")
     meta_path = os.path.join(cfg.data_dir, "meta.json")
     clip_name, clip_weights = _abs_if_path(cfg.clip), _abs_if_path(cfg.clip_weights)
-    old = data.read_json(meta_path) if os.path.exists(meta_path) else {}
+    old = layout.read_json(meta_path) if os.path.exists(meta_path) else {}
     if old and (old.get("clip"), old.get("clip_weights")) != (clip_name, clip_weights):
         raise SystemExit(f"error: {cfg.data_dir} holds features of CLIP {old.get('clip')} ({old.get('clip_weights')}); "
                          f"use another --data_dir for {clip_name} ({clip_weights})")
@@ -288,7 +284,7 @@ def prepare(cfg):
     for split in cfg.splits:
         rows = records[split][: cfg.max_images] if cfg.max_images else records[split]
         if not rows:
-            raise SystemExit(f"error: no {split} images in {cfg.karpathy_json or cfg.captions}")
+            raise SystemExit(f"error: no {split} images in {cfg.karpathy_json if cfg.dataset == 'coco' else cfg.captions}")
         rows.sort(key=lambda r: not r["captions"])  # stable: captioned images first, then the unlabeled pool
         kept, skipped[split] = write_split(cfg, split, rows, clip, eval_clip)
         counts[split] = len(kept)
@@ -296,8 +292,8 @@ def prepare(cfg):
             meta["train_captioned"] = sum(1 for r in kept if r["captions"])
     meta.update(dataset=cfg.dataset, splits=counts, skipped=skipped, clip=clip_name, clip_weights=clip_weights,
                 eval_clip=eval_clip.name, eval_clip_weights=eval_clip.weights, gpt=_abs_if_path(cfg.gpt),
-                features_normalized=True, clip_prompt="a photo depicts")
-    data.write_json(meta_path, meta)
+                features_normalized=True)
+    layout.write_json(meta_path, meta)
     print(f"\n{cfg.dataset} in {cfg.data_dir}: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " images"
           + (f" (train: {meta['train_captioned']:,} captioned)" if "train_captioned" in meta else "")
           + f"; CLIP {clip_name} ({clip_weights}); {time.time() - t0:.0f} s")

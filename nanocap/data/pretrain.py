@@ -27,15 +27,16 @@ import random
 import numpy as np
 import open_clip
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from nanocap import shapes
+from nanocap.data import shapes
+from nanocap.data.layout import atomic_write
 from nanocap.gpt import GPT
-from nanocap.losses import clip_s, info_nce
-from nanocap.train_utils import lr_at
+from nanocap.losses import clip_s, embed_captions, info_nce, prompted
+from nanocap.tokenizer import caption_batch
+from nanocap.tools.training import lr_at, param_groups
 
 # -----------------------------------------------------------------------------
 # configs
@@ -56,16 +57,10 @@ EVAL_CLIP_CFG = {  # narrower image tower, shallower text tower; trained with an
 # the toy GPT-2: GPTConfig(vocab_size=tokenizer.vocab_size, **LM_CFG)
 LM_CFG = {"block_size": 96, "n_layer": 4, "n_head": 4, "n_embd": 128}
 
-PROMPT = "a photo depicts "  # CLIP-S's prompt ("A photo depicts"; the CLIP tokenizer lowercases)
 PROMPT_PROB = 0.5  # training captions carry the prompt half of the time, so CLIP-S's texts are familiar
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)  # open_clip's default normalisation
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD)
 CORRUPTIONS = ("colour", "shape", "size", "relation", "binding")
-# Measured on 2 CPU cores (AVX512-BF16), 20,000 web images, batch 256, lr 5e-4, tested on 1,000:
-#   reward CLIP, 460 steps, 6.1 min: R@1 65%, colour 100%, shape 99%, size 99%
-#   eval CLIP,   370 steps, 4.1 min: R@1 62%, colour 100%, shape 97%, size 99%
-# (lr 1e-3 gave R@1 ~50% at 430 steps, 2e-3 gave 31%; 3e-4 ~ 5e-4; batch 128 or 512 was worse.)
-REWARD_CLIP_STEPS, EVAL_CLIP_STEPS = 460, 370
 
 
 def _cpu_has_bf16():
@@ -77,20 +72,7 @@ def _cpu_has_bf16():
 USE_BF16 = _cpu_has_bf16()  # bfloat16 autocast: ~1.5x faster than float32 where the CPU has it
 
 # -----------------------------------------------------------------------------
-# shared training helpers
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups: weight decay on weight matrices and conv kernels only; none on biases,
-    norms, embedding tables (token, position, class) or logit_scale."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or id(p) in tables or "embedding" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# training helpers
 
 
 def autocast():
@@ -148,7 +130,7 @@ def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, pr
     cfg: an open_clip model config (REWARD_CLIP_CFG, EVAL_CLIP_CFG).
     images: (N, 64, 64, 3) uint8. captions: N lists of reference captions.
     Each step takes batch_size images (each epoch a permutation) and one of each image's
-    captions drawn uniformly, prefixed with PROMPT with probability PROMPT_PROB.
+    captions drawn uniformly, prompted as CLIP-S prompts it with probability PROMPT_PROB.
     Deterministic on CPU given the seed. Returns the model in eval mode."""
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)  # what open_clip.create_model builds from the JSON config
@@ -165,7 +147,11 @@ def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, pr
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, floor=0.0)
         idx = next(batches)  # (B,)
-        texts = [(PROMPT if rng.random() < PROMPT_PROB else "") + rng.choice(captions[i]) for i in idx.tolist()]
+        texts = []
+        for i in idx.tolist():
+            with_prompt = rng.random() < PROMPT_PROB  # drawn before the caption, as the data was made
+            caption = rng.choice(captions[i])
+            texts.append(prompted([caption])[0] if with_prompt else caption)
         pixels = to_clip_input(images[idx.numpy()]).contiguous(memory_format=torch.channels_last)  # (B, 3, 64, 64)
         tokens = tokenize(texts)  # (B, context_length)
         with autocast():
@@ -190,12 +176,12 @@ def save_clip(model, cfg, json_path, weights_path):
     with open(json_path, "w") as f:
         json.dump(cfg, f, indent=2)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, weights_path)
+    atomic_write(weights_path, lambda tmp: save_file(state, tmp))  # last and whole: data_prep skips what exists
 
 
 @torch.no_grad()
 def clip_report(encoder, images, scenes, seed=0):
-    """How good a CLIP is on a test set, with texts worded as CLIP-S words them (PROMPT + caption).
+    """How good a CLIP is on a test set, with texts worded as CLIP-S words them (losses.prompted).
 
     encoder: a CLIPEncoder. images: (N, 64, 64, 3) uint8; scenes: their N scenes.
     R@1:        text->image retrieval: each image's full caption ranks it first among all N images
@@ -210,8 +196,7 @@ def clip_report(encoder, images, scenes, seed=0):
                            for i in range(0, len(images), 500)])  # (N, D)
 
     def embed(texts):  # (M, D)
-        return torch.cat([encoder.encode_text([PROMPT + t for t in texts[i:i + 500]])
-                          for i in range(0, len(texts), 500)])
+        return embed_captions(encoder, texts, batch=500)
 
     report = {}
     full = embed([shapes.caption(s, rng, "full") for s in scenes])  # (N, D)
@@ -274,17 +259,12 @@ def train_lm(texts, tokenizer, config, steps, batch_size=32, lr=1e-3, seed=0, pr
     return model.eval()
 
 
-def caption_batch(tokenizer, texts):
-    """[eos] caption [eos] for each text, right-padded: inputs (B, L) and targets (B, L), where
-    targets are the inputs shifted left (the caption and its final eos), -100 at padding."""
-    seqs = [[tokenizer.eos_id] + ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(texts))]
-    L = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), L), tokenizer.eos_id)
-    y = torch.full((len(seqs), L), -100)
-    for row, s in enumerate(seqs):
-        x[row, :len(s) - 1] = torch.tensor(s[:-1])
-        y[row, :len(s) - 1] = torch.tensor(s[1:])
-    return x, y
+def lm_batch(tokenizer, texts):
+    """[eos] caption [eos] for each text: inputs (B, L) and next-token targets (B, L), the caption
+    and its final eos, -100 at padding."""
+    inputs, targets = caption_batch(tokenizer, texts)  # caption + eos
+    bos = torch.full((len(texts), 1), tokenizer.eos_id)
+    return torch.cat([bos, inputs[:, :-1]], dim=1), targets
 
 
 @torch.no_grad()
@@ -293,7 +273,7 @@ def lm_perplexity(model, tokenizer, texts, batch_size=256):
     exp(mean negative log-likelihood of every caption token and its final eos)."""
     nll, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        x, y = caption_batch(tokenizer, texts[i:i + batch_size])  # (B, L), (B, L)
+        x, y = lm_batch(tokenizer, texts[i:i + batch_size])  # (B, L), (B, L)
         logits = model(x).float()  # (B, L, V)
         nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
                                reduction="sum").item()
@@ -304,6 +284,7 @@ def lm_perplexity(model, tokenizer, texts, batch_size=256):
 def save_lm(model, tokenizer, folder):
     """GPT-2 format (config.json + model.safetensors) plus nanocap_vocab.json, the reduced vocab:
     load with GPT.from_pretrained(folder) and get_tokenizer("gpt2", json.load(vocab file))."""
-    model.save_pretrained(folder)
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "nanocap_vocab.json"), "w") as f:
         json.dump(tokenizer.vocab, f)
+    model.save_pretrained(folder)  # model.safetensors last, atomically: data_prep skips the GPT once it exists

@@ -14,8 +14,8 @@ An image without captions (`"captions": []`) can only serve as unlabeled data. I
 images come after all captioned ones, and meta["train_captioned"] says how many captioned ones
 there are (absent: all), so stage 2 knows its pool without reading a caption. Paths in meta.json
 are relative to the dataset folder, absolute, or names (gpt2, ViT-B-32-quickgelu, openai).
-Writes are atomic: a temporary file, then a rename, so a killed run never leaves a half-written
-file behind.
+Writes are atomic (atomic_write): a temporary file, flushed to disk, then a rename, so a killed
+run never leaves a half-written file behind.
 """
 
 import json
@@ -26,13 +26,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_bytes(path, data):
+def atomic_write(path, write):
+    """Write `path` so that it is either the old file or the whole new one, never half of it:
+    write(tmp) writes a temporary file, which is flushed to disk (fsync) and renamed over path.
+    Every file nanocap writes (json, features, checkpoints) goes through here."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # write() failed: leave no temporary file behind
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def write_json(path, obj):
@@ -81,10 +94,8 @@ def read_jsonl(path):
 
 def save_features(path, features, **meta):
     """features: (N, D) float tensor, stored as float16; meta: strings kept in the file header."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"features": features.to(torch.float16).contiguous()}, tmp,
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({"features": features.to(torch.float16).contiguous()}, tmp,
+                                             metadata={k: str(v) for k, v in meta.items()}))
 
 
 def load_features(path):
@@ -146,3 +157,16 @@ class Unlabeled:
     @property
     def captions(self):
         raise RuntimeError("stage 2 must never read the captions of unlabeled images")
+
+
+def get_batch(train_set, batch_size, generator, device="cpu"):
+    """B distinct images of a Captioned set or an Unlabeled pool, drawn by generator (on `device`):
+    their features (B, D) and one caption of each, drawn uniformly (None for the unlabeled pool)."""
+    B = min(batch_size, len(train_set))
+    pick = torch.randperm(len(train_set), generator=generator, device=device)[:B].cpu()
+    feats = train_set.features[pick].to(device)
+    if isinstance(train_set, Unlabeled):
+        return feats, None
+    caps = train_set.captions
+    return feats, [caps[i][int(torch.randint(len(caps[i]), (1,), generator=generator, device=device))]
+                   for i in pick.tolist()]

@@ -1,7 +1,7 @@
 """
-Small helpers that train.py needs and that would only clutter it: the device, caption batches,
-the AdamW parameter groups, the learning-rate schedule, the log file and its plot, and the
-repetition rate that exposes a degenerate CLIP-reward policy (Cho et al. 2022).
+Small helpers that training needs and that would only clutter train.py: the device, the AdamW
+parameter groups (one weight-decay rule for the captioner and the toy CLIPs and GPT), the
+learning-rate schedule, and the training log with its plot.
 """
 
 import json
@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+import torch.nn as nn
 
 
 def pick_device(name="auto", local_rank=None):
@@ -28,24 +29,26 @@ def pick_device(name="auto", local_rank=None):
     return device
 
 
-def caption_batch(tok, captions, max_tokens, device):
-    """Captions -> (inputs (B, T), targets (B, T)): each caption's tokens + EOS, cut to max_tokens.
-    Targets are padded with -100 (ignored); inputs with EOS (their outputs only predict padding)."""
-    rows = [tok.encode(c)[: max_tokens - 1] + [tok.eos_id] for c in captions]
-    T = max(len(r) for r in rows)
-    targets = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        targets[i, : len(r)] = torch.tensor(r)
-    inputs = targets.masked_fill(targets == -100, tok.eos_id)
-    return inputs.to(device), targets.to(device)
+def param_groups(model, weight_decay):
+    """AdamW groups over the trainable parameters: weight decay on weight matrices and conv
+    kernels; none on biases, norms, gains, embedding tables (token, position, class) or
+    logit_scale. Embeddings are not decayed (CLIP's and minGPT's rule): a rare token's row gets
+    few gradients, and decay would pull it to zero between them. The one rule for every model."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in tables or "embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW on the trainable parameters; weight decay on matrices only (not biases, norms, gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    """AdamW on the trainable parameters, grouped by param_groups."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98))
 
 
 def lr_at(step, total, peak, warmup, floor=0.1):
@@ -54,15 +57,6 @@ def lr_at(step, total, peak, warmup, floor=0.1):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def repetition_rate(captions):
-    """Share of captions with a word repeated back to back ("a red red circle"), the usual
-    symptom of a policy that games a CLIP reward."""
-    def repeats(c):
-        w = c.split()
-        return any(a == b for a, b in zip(w, w[1:]))
-    return sum(map(repeats, captions)) / max(1, len(captions))
 
 
 def log_jsonl(out_dir, record):

@@ -37,13 +37,11 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from nanocap import shapes
-from nanocap.losses import clip_s
+from nanocap.losses import CLIP_PROMPT, clip_s, embed_captions
 
 # SPICE's parser needs Stanford CoreNLP 3.6.0; pycocoevalcap downloads it into spice/lib
 SPICE_LIB = os.path.join(os.path.dirname(pycocoevalcap.spice.__file__), "lib")
 CORENLP_JARS = ["stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"]
-PROMPT = "a photo depicts"  # Hessel's "A photo depicts"; CLIP's tokenizer lowercases anyway
 BATCH = 256  # texts per encode_text call, so 5,000 captions x 5 references fit in memory
 
 
@@ -180,16 +178,9 @@ def _spice_unavailable(java: bool) -> str | None:
 # CLIP: CLIP-S, RefCLIP-S, retrieval
 
 
-@torch.no_grad()
-def _encode_texts(clip, texts: list[str]) -> torch.Tensor:
-    """(len(texts), D) float32 on the CPU, unit norm, encoded BATCH texts at a time."""
-    chunks = [clip.encode_text(texts[i:i + BATCH]).float().cpu() for i in range(0, len(texts), BATCH)]
-    return F.normalize(torch.cat(chunks), dim=-1)
-
-
-def _with_prompt(prompt: str, texts: list[str]) -> list[str]:
-    prefix = prompt if not prompt or prompt.endswith(" ") else prompt + " "
-    return [prefix + t for t in texts]
+def _embed(clip, captions: list[str], prompt: str) -> torch.Tensor:
+    """(len(captions), D) float32 on the CPU, unit norm: the prompted captions, BATCH at a time."""
+    return F.normalize(embed_captions(clip, captions, prompt, BATCH).float().cpu(), dim=-1)
 
 
 def _check_images(image_features, n: int) -> torch.Tensor:
@@ -200,7 +191,7 @@ def _check_images(image_features, n: int) -> torch.Tensor:
 
 
 def clip_scores(clip, image_features, candidates: list[str], references: list[list[str]],
-                prompt: str = PROMPT) -> dict:
+                prompt: str = CLIP_PROMPT) -> dict:
     """CLIP-S and RefCLIP-S (Hessel et al. 2021), x100, mean over images.
 
     CLIP-S_i    = 2.5 * max(cos(E_img_i, E_txt(prompt + " " + candidate_i)), 0)
@@ -213,10 +204,10 @@ def clip_scores(clip, image_features, candidates: list[str], references: list[li
     if len(references) != len(candidates) or any(isinstance(r, str) or len(r) == 0 for r in references):
         raise ValueError(f"references must be {len(candidates)} non-empty lists of strings, one per candidate")
     images = _check_images(image_features, len(candidates))       # (N, D)
-    cand = _encode_texts(clip, _with_prompt(prompt, candidates))  # (N, D)
+    cand = _embed(clip, candidates, prompt)                       # (N, D)
     flat = [r for refs in references for r in refs]               # M references in all
     owner = torch.tensor([i for i, refs in enumerate(references) for _ in refs])  # (M,) image of each
-    refs = _encode_texts(clip, _with_prompt(prompt, flat))        # (M, D)
+    refs = _embed(clip, flat, prompt)                             # (M, D)
 
     a = clip_s(images, cand)                                      # (N,) CLIP-S, 2.5 * max(cos, 0)
     sims = (cand[owner] * refs).sum(dim=-1)                       # (M,) cos(candidate, its reference)
@@ -226,7 +217,7 @@ def clip_scores(clip, image_features, candidates: list[str], references: list[li
     return {"CLIP-S": 100 * a.mean().item(), "RefCLIP-S": 100 * ref_clip_s.mean().item()}
 
 
-def retrieval(clip, image_features, candidates: list[str], prompt: str = PROMPT, ks=(1, 5, 10)) -> dict:
+def retrieval(clip, image_features, candidates: list[str], prompt: str = CLIP_PROMPT, ks=(1, 5, 10)) -> dict:
     """Text-to-image retrieval recall (distinctiveness), x100.
 
     Caption i (prompted as for CLIP-S) is a query over all N images of the split, ranked
@@ -234,7 +225,7 @@ def retrieval(clip, image_features, candidates: list[str], prompt: str = PROMPT,
     Ties count against the caption: rank = number of other images scoring >= image i,
     so a caption that cannot tell two identical images apart does not get the credit."""
     images = _check_images(image_features, len(candidates))       # (N, D)
-    texts = _encode_texts(clip, _with_prompt(prompt, candidates))  # (N, D)
+    texts = _embed(clip, candidates, prompt)                      # (N, D)
     sims = texts @ images.T                                       # (N captions, N images)
     own = sims.diagonal()                                         # (N,)
     rank = (sims >= own[:, None]).sum(dim=1) - 1                  # (N,) 0 = own image first
@@ -244,16 +235,15 @@ def retrieval(clip, image_features, candidates: list[str], prompt: str = PROMPT,
 # shapes world and diversity
 
 
-def attribute_scores(candidates: list[str], scenes: list[dict]) -> dict:
-    """Attribute precision and recall against the shapes-world ground truth, x100.
+def attribute_scores(candidates: list[str], scenes: list, scorer) -> dict:
+    """Attribute precision and recall against a known ground truth, x100.
 
-    Per image, shapes.attribute_scores parses the caption's claims (each stated size,
-    colour and shape, each relation, the count) and matches them to the scene:
-    precision = true claims / claims (1.0 for a caption that claims nothing, as there),
-    recall = scene facts covered / facts. Both are averaged over images (macro)."""
+    scorer(caption, scene) -> {"precision": p, "recall": r} parses one caption's claims and
+    matches them to its scene: in the shapes world, data.shapes.attribute_scores (each stated
+    size, colour and shape, each relation, the count). Both are averaged over images (macro)."""
     if len(candidates) != len(scenes):
         raise ValueError(f"got {len(candidates)} captions but {len(scenes)} scenes; need one scene per caption")
-    per_image = [shapes.attribute_scores(c, s) for c, s in zip(candidates, scenes)]
+    per_image = [scorer(c, s) for c, s in zip(candidates, scenes)]
     return {"attr_precision": 100 * sum(p["precision"] for p in per_image) / len(per_image),
             "attr_recall": 100 * sum(p["recall"] for p in per_image) / len(per_image)}
 
@@ -271,10 +261,11 @@ def diversity(candidates: list[str]) -> dict:
 
 
 def evaluate_captions(candidates: list[str], references: list[list[str]], clip=None, image_features=None,
-                      scenes=None, spice: bool = False, prompt: str = PROMPT) -> dict:
+                      scenes=None, attribute_scorer=None, spice: bool = False, prompt: str = CLIP_PROMPT) -> dict:
     """All the metrics that apply, in one dict. Caption i belongs to image i: references[i],
     image_features[i] (N, D) and scenes[i] describe the same image. CLIP-S, RefCLIP-S and
-    R@k need clip and image_features; attribute precision/recall needs scenes."""
+    R@k need clip and image_features; attribute precision/recall needs scenes and their
+    attribute_scorer (see attribute_scores)."""
     if not isinstance(candidates, list) or not isinstance(references, list) or len(candidates) != len(references):
         raise ValueError("candidates and references must be lists of the same length "
                          "(one caption and one list of references per image)")
@@ -284,8 +275,10 @@ def evaluate_captions(candidates: list[str], references: list[list[str]], clip=N
     if clip is not None:
         scores.update(clip_scores(clip, image_features, candidates, references, prompt=prompt))
         scores.update(retrieval(clip, image_features, candidates, prompt=prompt))
+    if (scenes is None) != (attribute_scorer is None):
+        raise ValueError("attribute scores need both scenes and an attribute_scorer, or neither")
     if scenes is not None:
-        scores.update(attribute_scores(candidates, scenes))
+        scores.update(attribute_scores(candidates, scenes, attribute_scorer))
     scores.update(diversity(candidates))
     return scores
 

@@ -1,0 +1,136 @@
+"""The small helpers the objectives and train.py stand on: the learning-rate schedule, the one
+weight-decay rule, caption batches, the repetition rate, the CLIP-S prompt, on-policy log-probs
+at a temperature, and atomic writes."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanocap import losses
+from nanocap.captioner import Captioner
+from nanocap.data import layout, pretrain
+from nanocap.gpt import GPT, GPTConfig
+from nanocap.mapper import build_mapper
+from nanocap.tokenizer import caption_batch, get_tokenizer
+from nanocap.tools.training import lr_at, make_optimizer, param_groups
+
+
+def test_lr_at_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    peak, total, warmup = 1e-3, 110, 10
+    assert [lr_at(s, total, peak, warmup) for s in range(3)] == pytest.approx([1e-4, 2e-4, 3e-4])
+    assert lr_at(warmup - 1, total, peak, warmup) == pytest.approx(peak)
+    assert lr_at(warmup, total, peak, warmup) == pytest.approx(peak)  # the cosine starts at the peak
+    assert lr_at(60, total, peak, warmup) == pytest.approx(peak * (0.1 + 0.9 * 0.5))  # halfway
+    assert lr_at(total, total, peak, warmup) == pytest.approx(0.1 * peak)
+    assert lr_at(10 * total, total, peak, warmup) == pytest.approx(0.1 * peak)  # never below the floor
+    assert lr_at(total, total, peak, warmup, floor=0.0) == pytest.approx(0.0)
+    assert lr_at(0, total, peak, 0) == pytest.approx(peak)  # no warmup: stage 2's default
+
+
+def small_captioner(mapper="mlp"):
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    return Captioner(build_mapper(mapper, 8, 4, 16), gpt)
+
+
+def test_weight_decay_on_matrices_only_never_on_embeddings_norms_or_biases():
+    model = small_captioner()
+    groups = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    kept = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert "gpt.transformer.wte.weight" in kept and "gpt.transformer.wpe.weight" in kept  # embedding tables
+    assert "gpt.transformer.h.0.attn.c_attn.weight" in decayed and "mapper.fc1.weight" in decayed
+    assert all(not n.endswith(".bias") and ".ln_" not in n for n in decayed)
+    assert decayed | kept == set(names.values()) and not decayed & kept  # every parameter once
+
+
+def test_param_groups_on_a_plain_stack_of_layers():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(4, 4)]  # only the linear weight
+    assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
+
+
+def test_make_optimizer_skips_frozen_parameters():
+    model = small_captioner()
+    model.gpt.requires_grad_(False)  # the transformer-mapper recipe: GPT frozen
+    opt = make_optimizer(model, 1e-3, 0.01)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.mapper.parameters()}
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_caption_batch_appends_eos_pads_targets_with_ignore_and_cuts():
+    tok = get_tokenizer()
+    a, b = tok.encode("a red circle"), tok.encode("a circle")
+    inputs, targets = caption_batch(tok, ["a red circle", "a circle"])
+    assert targets[0].tolist() == a + [tok.eos_id]
+    assert targets[1].tolist() == b + [tok.eos_id] + [-100] * (len(a) - len(b))
+    assert inputs[1].tolist() == b + [tok.eos_id] * (len(a) - len(b) + 1)  # inputs padded with EOS
+    inputs, targets = caption_batch(tok, ["a red circle"], max_tokens=2)
+    assert targets[0].tolist() == a[:1] + [tok.eos_id]  # cut to max_tokens, EOS included
+
+
+def test_lm_batch_is_eos_caption_eos_shifted_by_one():
+    tok = get_tokenizer()
+    a = tok.encode("a red circle")
+    x, y = pretrain.lm_batch(tok, ["a red circle", "a circle"])
+    assert x[0].tolist() == [tok.eos_id] + a and y[0].tolist() == a + [tok.eos_id]
+    assert y[1].tolist()[-1] == -100 and x.shape == y.shape
+
+
+def test_repetition_rate_counts_captions_with_a_word_twice_in_a_row():
+    assert losses.repetition_rate(["a red red circle", "a red circle", "red a red", "circle circle"]) == 0.5
+    assert losses.repetition_rate([]) == 0.0
+
+
+class RecordingCLIP:
+    """Stands in for CLIPEncoder.encode_text: records the texts, returns fixed unit vectors."""
+    def __init__(self):
+        self.seen = []
+
+    def encode_text(self, texts):
+        self.seen += texts
+        return F.normalize(torch.ones(len(texts), 4), dim=-1)
+
+
+def test_clip_reward_joins_prompt_and_caption_one_way():
+    clip = RecordingCLIP()
+    image = F.normalize(torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, -1.0, -1.0]]), dim=-1)
+    r = losses.clip_reward(clip, image, ["a red circle", ""], w=2.5)
+    assert clip.seen == ["a photo depicts a red circle", "a photo depicts"]
+    assert r.tolist() == pytest.approx([2.5, 0.0])  # cos 1, and cos -0.5 clamped at 0
+    assert losses.prompted(["x"], prompt="") == ["x"]
+
+
+def test_sampled_logprobs_are_those_of_the_tempered_distribution():
+    logits = torch.randn(2, 3, 7)
+    tokens = torch.randint(7, (2, 3))
+    for t in (0.5, 1.0, 2.0):
+        expected = F.log_softmax(logits / t, dim=-1).gather(2, tokens[:, :, None]).squeeze(2)
+        assert torch.allclose(losses.sampled_logprobs(logits, tokens, t), expected, atol=1e-6)
+
+
+def test_caption_loss_is_float32_for_bf16_logits():
+    logits = torch.randn(2, 6, 11)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, -100]])
+    a = losses.caption_loss(logits.bfloat16(), tokens, 3)
+    b = losses.caption_loss(logits.bfloat16().float(), tokens, 3)
+    assert a.dtype == torch.float32 and torch.equal(a, b)  # the same loss as fp32 on the same values
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "f.json"
+    layout.write_json(path, {"a": 1})
+
+    def broken(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        layout.atomic_write(str(path), broken)
+    assert layout.read_json(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["f.json"]  # no temporary file left behind

@@ -225,7 +225,7 @@ def draw_examples(cfg):
 
 def which_dataset(argv):
     """The --dataset of a command line, or of its --config preset; shapes by default."""
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--dataset")
     peek.add_argument("--config")
     args, _ = peek.parse_known_args(argv)

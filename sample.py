@@ -169,8 +169,8 @@ def compare_checkpoints(cfg, device):
         for label, caps in columns.items():
             print(f"  {label + ':':<{width}} {caps[i]}")
     if cfg.grid:
-        report.draw_grid(cfg.grid, [load_image(layout.image_path(data_dir, cfg.split, r)) for r in records],
-                  [[f"{k}: {v[i]}" for k, v in columns.items()] for i in range(len(records))])
+        images = [load_image(layout.image_path(data_dir, cfg.split, r)) for r in records]
+        report.draw_grid(cfg.grid, images, [[f"{k}: {v[i]}" for k, v in columns.items()] for i in range(len(records))])
     return 0
 
 

@@ -33,7 +33,7 @@ def _is_list(field):
 
 def parse_config(cls, argv=None, description=None):
     """Build `cls` (a dataclass) from --config FILE.json and --field value flags."""
-    parser = argparse.ArgumentParser(description=description or cls.__doc__,
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False,  # no --clip for --clip_lr
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="a JSON preset; flags override it")
     for f in dataclasses.fields(cls):

@@ -198,6 +198,7 @@ def stage1_model(cfg, clip_info, device, master):
 
 
 def train_stage(cfg, stage, system):
+    """Run one stage: its data, its model, then the loop (evaluate, checkpoint, step, log)."""
     device, master = system.device, system.master
     torch.manual_seed(cfg.seed + system.rank)  # each stage starts from the seed: `--stage 2` alone is the same
     gen = torch.Generator(device=device).manual_seed(cfg.seed + system.rank)  # batches and sampled captions
@@ -226,8 +227,7 @@ def train_stage(cfg, stage, system):
         if master and (step % cfg.eval_interval == 0 or step == iters):
             result, captions = evaluate(cfg, stage, model, val, tok, clip, system)
             print(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            for i, c in enumerate(captions):
-                print(f"  val[{i}] {c}")
+            print("\n".join(f"  val[{i}] {c}" for i, c in enumerate(captions)))
             log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
             if step > 0:
                 save_checkpoint(path, model, config=asdict(cfg), clip=clip_info, tokenizer=tok.describe(),

@@ -367,8 +367,9 @@ def main(cfg):
         os.makedirs(cfg.out_dir, exist_ok=True)
     for stage in ([1, 2] if cfg.stage == 0 else [cfg.stage]):
         train_stage(cfg, stage, system)
+        if system.ddp:  # rank 0 writes the final checkpoint last: stage 2 must not read it before,
+            dist.barrier()  # and no rank may tear gloo/nccl down while another still talks to it
     if system.ddp:
-        dist.barrier()  # no rank tears gloo/nccl down while another still talks to it
         dist.destroy_process_group()
 
 

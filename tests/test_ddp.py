@@ -50,10 +50,13 @@ def test_ddp_gradients_match_single_process(tmp_path):
 
 def test_train_py_under_torchrun(tmp_path, tiny_shapes):
     out = tmp_path / "out"
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",  # both stages
             "--data_dir", tiny_shapes, "--out_dir", out, "--max_iters", "3", "--eval_interval", "1000",
-            "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5", OMP_NUM_THREADS="1")
+            "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5",
+            "--stage2_iters", "2", "--stage2_batch_size", "2", "--samples_per_image", "2", OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = read_checkpoint(out / "stage1.pt")
     assert ckpt["step"] == 3
     assert not any(k.startswith("module.") for k in ckpt["model"])
+    stage2 = read_checkpoint(out / "stage2.pt")  # started from the final stage1.pt, after a barrier
+    assert stage2["step"] == 2 and stage2["init_from"].endswith("stage1.pt")

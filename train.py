@@ -217,7 +217,8 @@ def train_stage(cfg, stage, system):
     forward = torch.compile(model) if cfg.compile else model
     forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if system.ddp else forward
     if master:
-        n_train, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or a) for a in (0, 1))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
         print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {len(train_set)} "
               f"{'labeled' if stage == 1 else 'unlabeled'} images; device {device}, {system.dtype}")
 

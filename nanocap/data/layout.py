@@ -29,7 +29,9 @@ from safetensors.torch import load_file, save_file
 def atomic_write(path, write):
     """Write `path` so that it is either the old file or the whole new one, never half of it:
     write(tmp) writes a temporary file, which is flushed to disk (fsync) and renamed over path.
-    Every file nanocap writes (json, features, checkpoints) goes through here."""
+    The dataset's json files and features, feature shards, checkpoints and the toy models' weights
+    go through here; small side files (a model's config.json, the vocab) are written before their
+    weights, whose presence is what a rerun checks."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)

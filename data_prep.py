@@ -71,6 +71,9 @@ class ShapesConfig(Config):
     clip_steps: int = field(default=460, metadata={"help": "reward-CLIP training steps (batch 256)"})
     eval_clip_steps: int = field(default=370, metadata={"help": "eval-CLIP training steps (batch 256)"})
     clip_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of both CLIPs"})
+    clip_batch_size: int = field(default=256, metadata={"help": "images per CLIP training step"})
+    small_models: bool = field(default=False, metadata={"help": "smaller CLIPs and GPT (pretrain.SMALL_*): "
+                                                                 "a world in minutes, as the notebooks use"})
     lm_steps: int = field(default=600, metadata={"help": "toy GPT training steps"})
 
 
@@ -155,15 +158,17 @@ def prepare_shapes(cfg):
     for k, split in enumerate(SPLITS):  # disjoint splits: each has its own seed stream
         render_split(cfg, split, sizes[split], cfg.seed * 10 + k)
 
-    clips = {"reward": (pretrain.REWARD_CLIP_CFG, cfg.clip_steps, cfg.seed),
-             "eval": (pretrain.EVAL_CLIP_CFG, cfg.eval_clip_steps, cfg.seed + 1)}
+    small = cfg.small_models
+    clips = {"reward": (pretrain.SMALL_REWARD_CLIP_CFG if small else pretrain.REWARD_CLIP_CFG, cfg.clip_steps, cfg.seed),
+             "eval": (pretrain.SMALL_EVAL_CLIP_CFG if small else pretrain.EVAL_CLIP_CFG, cfg.eval_clip_steps, cfg.seed + 1)}
     web = None
     for role, (clip_cfg, steps, seed) in clips.items():
         json_path, weights = os.path.join(models, f"clip_{role}.json"), os.path.join(models, f"clip_{role}.safetensors")
         if not os.path.exists(weights):
             web = web or load_split(cfg, "web")
             print(f"pretraining the {role} CLIP on {len(web[0])} web images ({steps} steps)")
-            model = pretrain.train_clip(clip_cfg, web[1], [r["captions"] for r in web[0]], steps, lr=cfg.clip_lr, seed=seed)
+            model = pretrain.train_clip(clip_cfg, web[1], [r["captions"] for r in web[0]], steps,
+                                        batch_size=cfg.clip_batch_size, lr=cfg.clip_lr, seed=seed)
             pretrain.save_clip(model, clip_cfg, json_path, weights)
 
     gpt_dir = os.path.join(models, "gpt")
@@ -173,7 +178,8 @@ def prepare_shapes(cfg):
         vocab = build_vocab(texts)
         tok = get_tokenizer("gpt2", vocab)
         print(f"pretraining the toy GPT on {len(texts)} web captions (vocab {len(vocab)}, {cfg.lm_steps} steps)")
-        lm = pretrain.train_lm(texts, tok, GPTConfig(**pretrain.LM_CFG, vocab_size=len(vocab)), cfg.lm_steps, seed=cfg.seed)
+        lm_cfg = GPTConfig(**(pretrain.SMALL_LM_CFG if small else pretrain.LM_CFG), vocab_size=len(vocab))
+        lm = pretrain.train_lm(texts, tok, lm_cfg, cfg.lm_steps, seed=cfg.seed)
         pretrain.save_lm(lm, tok, gpt_dir)
 
     encoders = {}

@@ -31,7 +31,7 @@ from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, pick_device, plot_log
+from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, pick_device, plot_log, restart_log
 
 # -----------------------------------------------------------------------------
 # config
@@ -214,6 +214,8 @@ def train_stage(cfg, stage, system):
                               (cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters))
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
     step = resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master)
+    if master and step == 0:
+        restart_log(cfg.out_dir, stage)
     forward = torch.compile(model) if cfg.compile else model
     forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if system.ddp else forward
     if master:

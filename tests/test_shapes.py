@@ -138,7 +138,12 @@ def test_scores_catch_wrong_captions():
                   "a blue square left of a red circle", "a red circle, a blue square and a green star"):
         assert not ok(wrong), wrong
     full = attribute_scores("two shapes: a small red circle to the left of a large blue square", TWO)
-    assert full == {"precision": 1.0, "recall": 1.0, "claims": 8, "true": 8, "facts": 8, "covered": 8}
+    assert full == {"precision": 1.0, "recall": 1.0, "claims": 8, "true": 8, "facts": 8, "covered": 8,
+                    "checked": [("small", True), ("red", True), ("circle", True), ("large", True), ("blue", True),
+                                ("square", True), ("circle left of square", True), ("2 in all", True)]}
+    wrong = attribute_scores("a big red circle above a blue star", TWO)["checked"]
+    assert wrong == [("large", False), ("red", True), ("circle", True), ("blue", True), ("star", False),
+                     ("circle above star", False)], wrong
     # "A left of B" and "B right of A" are the same fact: saying both covers it once
     twice = attribute_scores("a circle left of a square and the square right of the circle", TWO)
     assert twice["claims"] == 3 and twice["covered"] == 3 and twice["recall"] == 3 / 8

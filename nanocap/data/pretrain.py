@@ -56,6 +56,20 @@ EVAL_CLIP_CFG = {  # narrower image tower, shallower text tower; trained with an
 }
 # the toy GPT-2: GPTConfig(vocab_size=tokenizer.vocab_size, **LM_CFG)
 LM_CFG = {"block_size": 96, "n_layer": 4, "n_head": 4, "n_embd": 128}
+# `data_prep.py --small_models`: the same three models, smaller, for a world made in about two minutes
+# (the notebooks' world, configs/shapes_small_data.json). A quarter of the image tower's width is
+# most of the saving: at 64x64 the ResNet stem costs ~3/4 of a CLIP step.
+SMALL_REWARD_CLIP_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SMALL_EVAL_CLIP_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+SMALL_LM_CFG = {"block_size": 96, "n_layer": 2, "n_head": 2, "n_embd": 64}
 
 PROMPT_PROB = 0.5  # training captions carry the prompt half of the time, so CLIP-S's texts are familiar
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)  # open_clip's default normalisation

@@ -296,7 +296,8 @@ def attribute_scores(text, scene):
     precision = true claims / claims, defined as 1.0 for a caption that claims nothing (it
     hallucinates nothing; its recall is what suffers). recall = facts covered by true
     claims / facts. The counts are returned too, so a corpus can be micro-averaged
-    (sum true / sum claims), which sidesteps the 1.0 for empty captions."""
+    (sum true / sum claims), which sidesteps the 1.0 for empty captions; "checked" lists each
+    claim with its verdict, e.g. [("large", True), ("circle left of square", False)]."""
     p, objs = parse(text), scene["objects"]
     truth = {(i, j): r for i, r, j in relations(scene)}
     holds = lambda i, r, j: truth.get((i, j)) == r or truth.get((j, i)) == INVERSE[r]
@@ -310,27 +311,23 @@ def attribute_scores(text, scene):
         score += sum(a in match and b in match and holds(match[a], r, match[b]) for a, r, b in rels)
         if score > best_score:
             best, best_score = match, score
-    claims, true, covered = 0, 0, set()
+    checked, covered = [], set()  # checked: (claim, true?) in the caption's order
     for m, mention in enumerate(ms):
         for a in ATTRS:
             if mention[a] is not None:
-                claims += 1
-                if m in best and objs[best[m]][a] == mention[a]:
-                    true += 1
-                    covered.add((best[m], a))
+                ok = m in best and objs[best[m]][a] == mention[a]
+                checked.append((mention[a], ok))
+                covered |= {(best[m], a)} if ok else set()
     for a, r, b in rels:
-        claims += 1
-        if a in best and b in best and holds(best[a], r, best[b]):
-            true += 1
-            covered.add(frozenset((best[a], best[b])))
+        ok = a in best and b in best and holds(best[a], r, best[b])
+        checked.append((f"{ms[a]['shape'] or 'shape'} {r} {ms[b]['shape'] or 'shape'}", ok))
+        covered |= {frozenset((best[a], best[b]))} if ok else set()
     if p["count"] is not None:
-        claims += 1
-        if p["count"] == len(objs):
-            true += 1
-            covered.add("count")
-    facts = 3 * len(objs) + len(truth) + 1
+        checked.append((f"{p['count']} in all", p["count"] == len(objs)))
+        covered |= {"count"} if checked[-1][1] else set()
+    claims, true, facts = len(checked), sum(ok for _, ok in checked), 3 * len(objs) + len(truth) + 1
     return {"precision": true / claims if claims else 1.0, "recall": len(covered) / facts,
-            "claims": claims, "true": true, "facts": facts, "covered": len(covered)}
+            "claims": claims, "true": true, "facts": facts, "covered": len(covered), "checked": checked}
 
 def corrupt(scene, rng, what):
     """A minimal pair for probing a CLIP: (a full caption, the same caption with one thing

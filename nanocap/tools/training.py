@@ -11,6 +11,8 @@ import os
 import torch
 import torch.nn as nn
 
+from nanocap.data.layout import write_jsonl
+
 
 def pick_device(name="auto", local_rank=None):
     """auto: CUDA if present, else Apple MPS, else CPU. Under DDP on CUDA, the process's own GPU."""
@@ -72,17 +74,24 @@ def read_log(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def restart_log(out_dir, stage):
+    """A stage that starts afresh drops its own and later stages' records from log.jsonl, so that
+    a rerun in the same out_dir plots one run, not two on top of each other."""
+    keep = [r for r in read_log(out_dir) if r.get("stage", 0) < stage]
+    if os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        write_jsonl(os.path.join(out_dir, "log.jsonl"), keep)  # atomically
+
+
 def plot_log(out_dir, stage):
     """Plot a stage's training and validation curves to out_dir/stage<N>.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (a notebook's) alone
     rows = [r for r in read_log(out_dir) if r.get("stage") == stage]
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "captions" in r]
     keys = ["loss", "ce", "contrastive_reward"] if stage == 1 else ["reward", "kl", "gen_len", "repetition"]
     keys = [k for k in keys if train and k in train[-1]]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2))
+    fig = Figure(figsize=(4 * (len(keys) + 1), 3.2))
+    axes = fig.subplots(1, len(keys) + 1)
     for ax, k in zip(axes, keys):
         ax.plot([r["iter"] for r in train if k in r], [r[k] for r in train if k in r])
         ax.set_title(k)
@@ -94,4 +103,3 @@ def plot_log(out_dir, stage):
     fig.suptitle(f"stage {stage}")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"stage{stage}.png"), dpi=100)
-    plt.close(fig)

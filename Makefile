@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo results clean
+.PHONY: install test demo results notebooks clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
 	HF_HUB_OFFLINE=1 $(PY) train.py                            # stage 1 on 2% of the labels, then stage 2 on the unlabeled 98%
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
+
+# Re-execute every notebook in place, outputs and figures saved (commit them: they are read on GitHub).
+# The first one makes the small shapes world (about 2 minutes); the whole series takes about 5 minutes.
+notebooks: install
+	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
 # The README's results table on the shapes test split: the demo's runs (a) and (b) (made first
 # if missing), (c) full supervision and (d) lambda = 0 (about 20 minutes), every row scored.

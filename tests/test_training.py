@@ -13,7 +13,7 @@ from nanocap.data import layout, pretrain
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.training import lr_at, make_optimizer, param_groups
+from nanocap.tools.training import log_jsonl, lr_at, make_optimizer, param_groups, read_log, restart_log
 
 
 def test_lr_at_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -134,3 +134,28 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         layout.atomic_write(str(path), broken)
     assert layout.read_json(path) == {"a": 1}
     assert os.listdir(tmp_path) == ["f.json"]  # no temporary file left behind
+
+
+def test_a_fresh_stage_drops_its_old_log_records_and_keeps_earlier_stages(tmp_path):
+    for stage, it in [(1, 0), (1, 10), (2, 0), (2, 5)]:
+        log_jsonl(tmp_path, {"stage": stage, "iter": it})
+    restart_log(tmp_path, 2)  # a rerun of stage 2 in the same out_dir
+    assert read_log(tmp_path) == [{"stage": 1, "iter": 0}, {"stage": 1, "iter": 10}]
+    restart_log(tmp_path, 1)  # a rerun of stage 1 makes stage 2 stale too
+    assert read_log(tmp_path) == []
+    restart_log(tmp_path / "none", 1)  # no log yet: nothing to do
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_small_world_presets_parse_and_pick_the_small_models():
+    import data_prep
+    import train
+    from nanocap.tools.cli import parse_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = parse_config(data_prep.ShapesConfig, ["--config", os.path.join(root, "configs/shapes_small_data.json")])
+    assert data.small_models and data.clip_batch_size == 128 and data.data_dir == "data/shapes_small"
+    run = parse_config(train.Config, ["--config", os.path.join(root, "configs/shapes_small.json")])
+    assert run.data_dir == data.data_dir and run.out_dir == "out/shapes_small"
+    for cfg in (pretrain.SMALL_REWARD_CLIP_CFG, pretrain.SMALL_EVAL_CLIP_CFG):  # smaller than the full world's
+        assert cfg["vision_cfg"]["width"] < pretrain.REWARD_CLIP_CFG["vision_cfg"]["width"]

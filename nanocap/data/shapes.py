@@ -317,14 +317,18 @@ def attribute_scores(text, scene):
             if mention[a] is not None:
                 ok = m in best and objs[best[m]][a] == mention[a]
                 checked.append((mention[a], ok))
-                covered |= {(best[m], a)} if ok else set()
+                if ok:
+                    covered.add((best[m], a))
     for a, r, b in rels:
         ok = a in best and b in best and holds(best[a], r, best[b])
         checked.append((f"{ms[a]['shape'] or 'shape'} {r} {ms[b]['shape'] or 'shape'}", ok))
-        covered |= {frozenset((best[a], best[b]))} if ok else set()
+        if ok:
+            covered.add(frozenset((best[a], best[b])))
     if p["count"] is not None:
-        checked.append((f"{p['count']} in all", p["count"] == len(objs)))
-        covered |= {"count"} if checked[-1][1] else set()
+        ok = p["count"] == len(objs)
+        checked.append((f"{p['count']} in all", ok))
+        if ok:
+            covered.add("count")
     claims, true, facts = len(checked), sum(ok for _, ok in checked), 3 * len(objs) + len(truth) + 1
     return {"precision": true / claims if claims else 1.0, "recall": len(covered) / facts,
             "claims": claims, "true": true, "facts": facts, "covered": len(covered), "checked": checked}

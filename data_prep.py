@@ -158,9 +158,10 @@ def prepare_shapes(cfg):
     for k, split in enumerate(SPLITS):  # disjoint splits: each has its own seed stream
         render_split(cfg, split, sizes[split], cfg.seed * 10 + k)
 
-    small = cfg.small_models
-    clips = {"reward": (pretrain.SMALL_REWARD_CLIP_CFG if small else pretrain.REWARD_CLIP_CFG, cfg.clip_steps, cfg.seed),
-             "eval": (pretrain.SMALL_EVAL_CLIP_CFG if small else pretrain.EVAL_CLIP_CFG, cfg.eval_clip_steps, cfg.seed + 1)}
+    reward_cfg, eval_cfg, lm_cfg = ((pretrain.SMALL_REWARD_CLIP_CFG, pretrain.SMALL_EVAL_CLIP_CFG, pretrain.SMALL_LM_CFG)
+                                    if cfg.small_models else
+                                    (pretrain.REWARD_CLIP_CFG, pretrain.EVAL_CLIP_CFG, pretrain.LM_CFG))
+    clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed), "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1)}
     web = None
     for role, (clip_cfg, steps, seed) in clips.items():
         json_path, weights = os.path.join(models, f"clip_{role}.json"), os.path.join(models, f"clip_{role}.safetensors")
@@ -178,8 +179,7 @@ def prepare_shapes(cfg):
         vocab = build_vocab(texts)
         tok = get_tokenizer("gpt2", vocab)
         print(f"pretraining the toy GPT on {len(texts)} web captions (vocab {len(vocab)}, {cfg.lm_steps} steps)")
-        lm_cfg = GPTConfig(**(pretrain.SMALL_LM_CFG if small else pretrain.LM_CFG), vocab_size=len(vocab))
-        lm = pretrain.train_lm(texts, tok, lm_cfg, cfg.lm_steps, seed=cfg.seed)
+        lm = pretrain.train_lm(texts, tok, GPTConfig(**lm_cfg, vocab_size=len(vocab)), cfg.lm_steps, seed=cfg.seed)
         pretrain.save_lm(lm, tok, gpt_dir)
 
     encoders = {}

@@ -77,9 +77,9 @@ def read_log(out_dir):
 def restart_log(out_dir, stage):
     """A stage that starts afresh drops its own and later stages' records from log.jsonl, so that
     a rerun in the same out_dir plots one run, not two on top of each other."""
-    keep = [r for r in read_log(out_dir) if r.get("stage", 0) < stage]
-    if os.path.exists(os.path.join(out_dir, "log.jsonl")):
-        write_jsonl(os.path.join(out_dir, "log.jsonl"), keep)  # atomically
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path):
+        write_jsonl(path, [r for r in read_log(out_dir) if r.get("stage", 0) < stage])  # atomically
 
 
 def plot_log(out_dir, stage):

@@ -6,7 +6,8 @@ Caption images with a trained nanocap checkpoint, or caption a whole split and s
     python sample.py --image x.jpg --method sample --num_captions 5 --top_p 0.9
     python sample.py --split test --eval --out_json results/test.json
     python sample.py --split test --compare 8            # stage-1 and stage-2 captions side by side
-    python sample.py --table results/*.json              # score files as one markdown table
+    python sample.py --table results/*.json              # score files as one table (mean ± std over seeds)
+    python sample.py --claims results                    # the paper's claims, seed by seed
 
 The checkpoint names its CLIP (model and weights), whether the features are normalized, and
 its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage in --out_dir.
@@ -55,7 +56,9 @@ class Config:
     compare: int = field(default=0, metadata={"help": "with --split: this many images, by each of --ckpts"})
     ckpts: list[str] = field(default_factory=list, metadata={"help": "with --compare: checkpoints (default: stage 1 and 2)"})
     grid: str = field(default="", metadata={"help": "with --compare: also draw them to this PNG"})
-    table: list[str] = field(default_factory=list, metadata={"help": "print score files as one markdown table"})
+    table: list[str] = field(default_factory=list, metadata={"help": "print score files as one markdown table; "
+                                                                     "name.seedN.json files make one row, mean ± std"})
+    claims: str = field(default="", metadata={"help": "a results folder: check the paper's claims seed by seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -175,9 +178,9 @@ def compare_checkpoints(cfg, device):
 
 
 def main(cfg):
-    if cfg.table:
+    if cfg.table or cfg.claims:
         try:
-            print("\n".join(report.score_table(cfg.table)))
+            print("\n".join(report.score_table(cfg.table) if cfg.table else report.claims(cfg.claims)))
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         return 0

@@ -14,6 +14,7 @@ The objectives live in nanocap/losses.py; this file is config, data, model and t
 """
 
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
+from nanocap.tools.checks import check_checkpoint, check_clip, check_split
 from nanocap.tools.cli import parse_config, print_config
 from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, pick_device, plot_log, restart_log
 
@@ -44,7 +46,9 @@ class Config:
     data_dir: str = field(default="data/shapes", metadata={"help": "a dataset made by data_prep.py"})
     out_dir: str = field(default="out/shapes", metadata={"help": "stage1.pt, stage2.pt, log.jsonl, plots"})
     init_from: str = field(default="", metadata={"help": "stage 2: the stage-1 checkpoint (default out_dir/stage1.pt)"})
-    resume: bool = field(default=False, metadata={"help": "continue each stage from its checkpoint in out_dir"})
+    resume: bool = field(default=False, metadata={"help": "continue each stage from its last checkpoint in out_dir"})
+    keep_best: bool = field(default=True, metadata={"help": "stage 1: stage1.pt is the lowest val loss, the last "
+                                                            "state goes to stage1.last.pt (stage 2 keeps its last)"})
     seed: int = field(default=1337, metadata={"help": "labeled split, batches and sampling"})
     # model (stage 1; stage 2 continues the stage-1 model, finetune_gpt included)
     clip: str = field(default="", metadata={"help": "'' = the dataset's CLIP; else it must be that CLIP"})
@@ -124,8 +128,9 @@ def setup_system(cfg):
 
 
 def load_data(cfg, stage):
-    """(meta, clip_info, the stage's training set, val). Stage 1 trains on a layout.Captioned set,
-    stage 2 on a layout.Unlabeled pool, which holds no captions at all."""
+    """(meta, clip_info, the stage's training set, val, split). Stage 1 trains on a layout.Captioned
+    set, stage 2 on a layout.Unlabeled pool, which holds no captions at all. split describes the
+    labeled split; stage 1 saves it, stage 2 checks it against the checkpoint it continues."""
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         raise SystemExit(f"error: no dataset in {cfg.data_dir} (no meta.json); make one with data_prep.py first")
     meta = layout.read_json(os.path.join(cfg.data_dir, "meta.json"))
@@ -137,6 +142,8 @@ def load_data(cfg, stage):
     # own folders: captioned train images come first, the uncaptioned ones are always unlabeled
     labeled_idx, unlabeled_idx = layout.labeled_split(len(feats), cfg.labeled_fraction, cfg.seed,
                                                       meta.get("train_captioned"))
+    split = dict(labeled_fraction=cfg.labeled_fraction, seed=cfg.seed, n_train=len(feats),
+                 n_captioned=meta.get("train_captioned"), n_labeled=len(labeled_idx))
     if not (labeled_idx if stage == 1 else unlabeled_idx):
         raise SystemExit(f"error: stage {stage} needs {'captioned' if stage == 1 else 'unlabeled'} train images "
                          f"and {cfg.data_dir} leaves none at --labeled_fraction {cfg.labeled_fraction}")
@@ -151,7 +158,7 @@ def load_data(cfg, stage):
     val_dir = os.path.join(cfg.data_dir, "val")
     val = layout.Captioned(layout.load_features(os.path.join(val_dir, "features.safetensors")),
                            [r["captions"] for r in layout.read_jsonl(os.path.join(val_dir, "captions.jsonl"))])
-    return meta, clip_info, train_set, val
+    return meta, clip_info, train_set, val, split
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +182,7 @@ def new_model(cfg, meta, feature_dim):
     return model, get_tokenizer("gpt2", vocab)
 
 
-def stage1_model(cfg, clip_info, device, master):
+def stage1_model(cfg, clip_info, split, device, master):
     """Stage 2: the stage-1 checkpoint twice, as the policy to train and as the frozen reference
     of the KL. (model, reference, tok, path). GPT trains exactly when it did in stage 1."""
     start = cfg.init_from or os.path.join(cfg.out_dir, "stage1.pt")
@@ -184,6 +191,7 @@ def stage1_model(cfg, clip_info, device, master):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     check_checkpoint(cfg, start, ckpt, clip_info)
+    check_split(start, ckpt, split)
     finetune_gpt = ckpt["config"]["finetune_gpt"]
     model.gpt.requires_grad_(finetune_gpt)
     if master:
@@ -203,17 +211,19 @@ def train_stage(cfg, stage, system):
     torch.manual_seed(cfg.seed + system.rank)  # each stage starts from the seed: `--stage 2` alone is the same
     gen = torch.Generator(device=device).manual_seed(cfg.seed + system.rank)  # batches and sampled captions
     path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
-    meta, clip_info, train_set, val = load_data(cfg, stage)
+    keep_best = cfg.keep_best and stage == 1  # stage 2's val reward is its own reward: choosing by it would hack
+    last_path = os.path.join(cfg.out_dir, "stage1.last.pt") if keep_best else path  # --resume reads this one
+    meta, clip_info, train_set, val, split = load_data(cfg, stage)
     if stage == 1:
         (model, tok), reference, start = new_model(cfg, meta, train_set.features.size(1)), None, ""
     else:
-        model, reference, tok, start = stage1_model(cfg, clip_info, device, master)
+        model, reference, tok, start = stage1_model(cfg, clip_info, split, device, master)
     model.to(device)
     clip = CLIPEncoder(clip_info["name"], clip_info["weights"], device=device)
     iters, peak_lr, warmup = ((cfg.max_iters, cfg.lr, cfg.warmup_iters) if stage == 1 else
                               (cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters))
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
-    step = resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master)
+    step, best = resume_from(cfg, stage, last_path, clip_info, model, optimizer, gen, master)
     if master and step == 0:
         restart_log(cfg.out_dir, stage)
     forward = torch.compile(model) if cfg.compile else model
@@ -232,10 +242,18 @@ def train_stage(cfg, stage, system):
             print(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             print("\n".join(f"  val[{i}] {c}" for i, c in enumerate(captions)))
             log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
+            improved = step > 0 and stage == 1 and result["val_loss"] < best["val_loss"]
+            if improved:
+                best = {"val_loss": result["val_loss"], "step": step}
             if step > 0:
-                save_checkpoint(path, model, config=asdict(cfg), clip=clip_info, tokenizer=tok.describe(),
+                save_checkpoint(last_path, model, config=asdict(cfg), clip=clip_info, tokenizer=tok.describe(),
                                 stage=stage, step=step, optimizer=optimizer.state_dict(), generator=gen.get_state(),
-                                torch_rng=torch.get_rng_state(), init_from=start)
+                                torch_rng=torch.get_rng_state(), init_from=start, split=split, best=best)
+            if keep_best and improved:  # the best is a copy of the last, taken when it was the best
+                layout.atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
+                print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
+            elif keep_best and step > 0:
+                print(f"val_loss did not improve on {best['val_loss']:.4f} (step {best['step']}): {path} kept")
         if step == iters:
             break
         lr = lr_at(step, iters, peak_lr, warmup)
@@ -261,14 +279,17 @@ def train_stage(cfg, stage, system):
             log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, lr=lr, time=elapsed, **stats))
     if master:
         plot_log(cfg.out_dir, stage)
-        print(f"saved {path} and {os.path.join(cfg.out_dir, f'stage{stage}.png')}")
+        kept = f" (step {best['step']}, the lowest val loss; the last state is {last_path})" if keep_best else ""
+        print(f"saved {path}{kept} and {os.path.join(cfg.out_dir, f'stage{stage}.png')}")
 
 
 def resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master):
-    """With --resume, load the stage's checkpoint into model, optimizer and generator, and return
-    its step (0: start afresh). With both stages (no --stage), a stage without one starts afresh."""
+    """With --resume, load the stage's last checkpoint into model, optimizer and generator, and
+    return (its step, the best val loss so far) (step 0: start afresh). With both stages (no
+    --stage), a stage without one starts afresh."""
+    best = {"val_loss": float("inf"), "step": 0}
     if not cfg.resume or (cfg.stage == 0 and not os.path.isfile(path)):
-        return 0
+        return 0, best
     try:
         ckpt = read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -279,8 +300,8 @@ def resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master):
     gen.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])  # after CLIP's construction, which draws from it
     if master:
-        print(f"resuming stage {stage} from step {ckpt['step']}")
-    return ckpt["step"]
+        print(f"resuming stage {stage} from {path}, step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("best", best)
 
 
 def stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen, system):
@@ -320,43 +341,6 @@ def evaluate(cfg, stage, model, val, tok, clip, system):
         result = {"val_reward": reward.mean().item()}
     model.train()
     return result, captions
-
-# -----------------------------------------------------------------------------
-# checks that turn a user's mistake into one line
-
-
-def _same(a, b):
-    """Two CLIP names, tags or paths that mean the same thing."""
-    if a is None or b is None:
-        return a == b
-    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
-
-
-def check_checkpoint(cfg, path, ckpt, clip_info, model=None):
-    """A checkpoint to continue from must have been trained on this dataset's CLIP features and,
-    when resuming, describe the same model as the flags; otherwise say so in one line."""
-    theirs = ckpt["clip"]
-    if not (_same(theirs["name"], clip_info["name"]) and _same(theirs["weights"], clip_info["weights"])):
-        raise SystemExit(f"error: {path} was trained on features of CLIP {theirs['name']} ({theirs['weights']}), but "
-                         f"{cfg.data_dir} holds features of CLIP {clip_info['name']} ({clip_info['weights']}); "
-                         f"pass the --data_dir it was trained on")
-    if model is not None and ckpt["model_args"] != model.model_args():
-        ours = model.model_args()
-        diff = [f"{k} {ckpt['model_args'][part].get(k)} in the checkpoint, {ours[part].get(k)} from the flags"
-                for part in ours for k in ours[part] if ckpt["model_args"][part].get(k) != ours[part].get(k)]
-        raise SystemExit(f"error: {path} was made with a different model ({'; '.join(diff)}); resume with the "
-                         f"flags it was made with (its config is saved in it), or start afresh in a new --out_dir")
-
-
-def check_clip(cfg, clip_info, dataset):
-    """--clip / --clip_weights, when given, must name the CLIP that made the dataset's features."""
-    if ((cfg.clip and not _same(cfg.clip, clip_info["name"]))
-            or (cfg.clip_weights and not _same(cfg.clip_weights, clip_info["weights"]))):
-        name, weights = cfg.clip or clip_info["name"], cfg.clip_weights or clip_info["weights"]
-        raise SystemExit(f"error: the features in {cfg.data_dir} come from CLIP {clip_info['name']} "
-                         f"({clip_info['weights']}), not {name} ({weights}); the captioner must be trained on its own "
-                         f"CLIP's features: run `python data_prep.py --dataset {dataset} --clip {name} --clip_weights "
-                         f"{weights} --data_dir NEW_DIR ...` and train with --data_dir NEW_DIR")
 
 # -----------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """train.py on a miniature shapes world: stage 1 learns, its contrastive term reaches the gradient,
 stage 2 raises its reward without ever reading an unlabeled caption, both stages in one run equal
-two runs, and resume is exact."""
+two runs, stage 1 keeps its best checkpoint and stage 2 its last, stage 2's pool is stage 1's
+unlabeled split, and resume is exact."""
 import json
 import os
 import signal
@@ -116,6 +117,12 @@ def test_no_stage_runs_stage_1_then_stage_2_as_two_runs_do(tmp_path, tiny_shapes
     assert losses_of(both, "lr", 2)[:2] == [5e-4, 1e-3]  # --stage2_warmup_iters 2: linear warmup
 
 
+def same_weights(path_a, path_b):
+    (ma, ca), (mb, cb) = load_captioner(path_a), load_captioner(path_b)
+    assert ca["step"] == cb["step"]
+    return all(torch.equal(va, vb) for va, vb in zip(ma.state_dict().values(), mb.state_dict().values()))
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     args = ["--stage", "1", "--data_dir", tiny_shapes, "--max_iters", "12", "--eval_interval", "2",
             "--log_interval", "1", "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
@@ -125,19 +132,67 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     proc = cli_start("train.py", "--out_dir", b, *args)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 once a checkpoint exists, mid-run
-        if (b / "stage1.pt").exists() and proc.poll() is None:
+        if (b / "stage1.last.pt").exists() and proc.poll() is None:
             time.sleep(0.5)
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = read_checkpoint(b / "stage1.pt")["step"]
+    step = read_checkpoint(b / "stage1.last.pt")["step"]
     assert 0 < step < 12, "the kill should land mid-run"
     assert cli("train.py", "--out_dir", b, "--resume", *args).returncode == 0
-    ma, _ = load_captioner(a / "stage1.pt")
-    mb, ckpt_b = load_captioner(b / "stage1.pt")
-    assert ckpt_b["step"] == 12
-    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
-        assert torch.equal(va, vb), k
+    assert read_checkpoint(b / "stage1.last.pt")["step"] == 12
+    assert same_weights(a / "stage1.last.pt", b / "stage1.last.pt")  # the last state, bit for bit
+    assert same_weights(a / "stage1.pt", b / "stage1.pt")  # and the same best, though it may predate the kill
     last = lambda d: [json.loads(l) for l in open(d / "log.jsonl")][-1]
     assert last(a)["val_loss"] == last(b)["val_loss"]
+
+
+def scripted_evaluate(monkeypatch, val_losses, val_rewards=()):
+    """train.evaluate replaced by one that returns the given val figures in turn."""
+    figures = {1: iter(val_losses), 2: iter(val_rewards)}
+
+    def evaluate(cfg, stage, *args):
+        return {"val_loss" if stage == 1 else "val_reward": next(figures[stage])}, []
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+def test_stage1_keeps_its_best_checkpoint_and_stage2_its_last(tmp_path, tiny_shapes, monkeypatch):
+    kw = dict(batch_size=4, max_iters=6, contrastive_weight=0.0, stage2_iters=4, stage2_batch_size=4,
+              samples_per_image=2)
+    # steps 0, 2, 4, 6: the val loss is lowest at step 4; stage 2's val reward is highest at step 2
+    scripted_evaluate(monkeypatch, [9.0, 1.0, 0.5, 0.7], [1.0, 2.0, 1.5])
+    train.main(train.Config(data_dir=tiny_shapes, out_dir=str(tmp_path / "best"), eval_interval=2, **kw))
+    best, last = read_checkpoint(tmp_path / "best" / "stage1.pt"), read_checkpoint(tmp_path / "best" / "stage1.last.pt")
+    assert (best["step"], last["step"]) == (4, 6)
+    assert best["best"] == last["best"] == {"val_loss": 0.5, "step": 4}
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    stage2 = read_checkpoint(tmp_path / "best" / "stage2.pt")
+    assert stage2["step"] == 4 and stage2["init_from"].endswith("stage1.pt")  # the last, not the best reward
+    assert not (tmp_path / "best" / "stage2.last.pt").exists()
+    # --no-keep_best: stage1.pt is the last state, and there is no stage1.last.pt
+    scripted_evaluate(monkeypatch, [9.0, 1.0, 0.5, 0.7])
+    train.main(train.Config(stage=1, data_dir=tiny_shapes, out_dir=str(tmp_path / "last"), eval_interval=2,
+                            keep_best=False, **kw))
+    assert read_checkpoint(tmp_path / "last" / "stage1.pt")["step"] == 6
+    assert not (tmp_path / "last" / "stage1.last.pt").exists()
+    assert same_weights(tmp_path / "last" / "stage1.pt", tmp_path / "best" / "stage1.last.pt")
+
+
+def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_path, tiny_run, tiny_shapes):
+    ckpt = read_checkpoint(os.path.join(tiny_run, "stage1.pt"))
+    assert ckpt["split"]["labeled_fraction"] == 0.02 and ckpt["split"]["seed"] == 1337
+    assert ckpt["split"]["n_labeled"] == 2 and ckpt["split"]["n_train"] == 120
+    common = ("--stage", "2", "--data_dir", tiny_shapes, "--init_from", os.path.join(tiny_run, "stage1.pt"),
+              "--out_dir", tmp_path / "s2", "--stage2_iters", "1", "--stage2_batch_size", "2", "--samples_per_image", "2")
+    for flags, named in ((["--seed", "1338"], "--seed 1338 (stage 1: 1337)"),
+                         (["--labeled_fraction", "0.5"], "--labeled_fraction 0.5 (stage 1: 0.02)")):
+        r = cli("train.py", *common, *flags)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: {named}") and "into stage 2's unlabeled pool" in r.stderr
+        assert "pass stage 1's --labeled_fraction 0.02 --seed 1337" in r.stderr
+    labeled, _ = layout.labeled_split(120, 0.02, 1337)
+    _, pool = layout.labeled_split(120, 0.02, 1338)
+    assert f"would put {len(set(labeled) & set(pool))} of the 2 images" in cli("train.py", *common, "--seed", "1338").stderr
+    assert cli("train.py", *common).returncode == 0  # stage 1's own split: 118 unlabeled images

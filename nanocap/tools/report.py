@@ -1,36 +1,105 @@
 """
-Reports: score files as one markdown table, and images beside their captions as one PNG.
+Reports: score files as one markdown table (mean ± std over seeds), the paper's claims checked
+seed by seed, and images beside their captions as one PNG.
 
-sample.py --table prints the table (the README's results are made so), sample.py --compare
---grid and data_prep.py --grid draw the pictures.
+sample.py --table prints the table and sample.py --claims the claims (the README's results are
+made so); sample.py --compare --grid and data_prep.py --grid draw the pictures.
 """
 
+import glob
 import json
 import os
+import re
+import statistics
 import sys
 import textwrap
 
 TABLE_COLUMNS = ["BLEU-4", "METEOR", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "attr_precision", "attr_recall", "distinct"]
 
 
+def read_scores(f):
+    """The scores in a file written by sample.py --eval --out_json, or None if it holds none (such
+    as the *.captions.json beside each). An unreadable file raises ValueError."""
+    try:
+        with open(f) as fh:
+            scores = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read scores from {f}: {e}") from None
+    return scores if isinstance(scores, dict) and any(c in scores for c in TABLE_COLUMNS) else None
+
+
+def run_name(f):
+    """results/b_stage2.seed1338.json -> (b_stage2, 1338); results/e_references.json -> (e_references, None)."""
+    m = re.fullmatch(r"(.*?)(?:\.seed(\d+))?\.json", os.path.basename(f))
+    return (m.group(1), int(m.group(2)) if m.group(2) else None) if m else (f, None)
+
+
+def mean_std(values):
+    """'mean ± std' (the sample standard deviation, n - 1) of several values, or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def score_table(files, columns=TABLE_COLUMNS):
-    """Score files (written by sample.py --eval --out_json) as markdown lines, a row per file.
-    Files that hold no scores (such as the *.captions.json beside each) are skipped with a line
-    on stderr; an unreadable file raises ValueError."""
-    rows = []
+    """Score files as markdown lines, a row per run: files that differ only in their seed
+    (name.seedN.json) make one row of mean ± std over the seeds. Files without scores are skipped
+    with a line on stderr."""
+    runs = {}  # name -> [scores], in the order given
     for f in files:
-        try:
-            with open(f) as fh:
-                scores = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read scores from {f}: {e}") from None
-        if not isinstance(scores, dict) or not any(c in scores for c in columns):
+        scores = read_scores(f)
+        if scores is None:
             print(f"skipped: {f} is not a score file of --eval --out_json", file=sys.stderr)
             continue
-        name = os.path.basename(f)[:-5] if f.endswith(".json") else f
-        rows.append([name] + [f"{scores[c]:.1f}" if c in scores else "–" for c in columns])
-    lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+        runs.setdefault(run_name(f)[0], []).append(scores)
+    lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for name, group in runs.items():
+        cells = [mean_std([s[c] for s in group]) if all(c in s for s in group) else "–" for c in columns]
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def by_seed(results_dir, name):
+    """{seed: scores} of the files results_dir/name.seedN.json."""
+    files = glob.glob(os.path.join(results_dir, f"{name}.seed*.json"))
+    return {run_name(f)[1]: read_scores(f) for f in files if run_name(f)[1] is not None}
+
+
+def claims(results_dir, semi="b_stage2", full="c_full", stage1="a_stage1_2pct"):
+    """The paper's claims, semi-supervised (b) against full supervision (c), checked seed by seed:
+    CIDEr(b) ≥ 0.9 × CIDEr(c), CLIP-S(b) > CLIP-S(c) and R@1(b) > R@1(c); then how many seeds each
+    held for, and whether stage 2's change of attribute precision ((b) - (a)) is larger than its
+    spread over the seeds. Returns the lines to print."""
+    b, c, a = by_seed(results_dir, semi), by_seed(results_dir, full), by_seed(results_dir, stage1)
+    seeds = sorted(set(b) & set(c))
+    if not seeds:
+        raise ValueError(f"no seed has both {semi}.seedN.json and {full}.seedN.json in {results_dir}; "
+                         f"make them with `make results-seed SEED=N`")
+    checks = [("CIDEr(b) >= 0.9 x CIDEr(c)", lambda sb, sc: sb["CIDEr"] >= 0.9 * sc["CIDEr"],
+               lambda sb, sc: f"{sb['CIDEr']:.1f} vs {0.9 * sc['CIDEr']:.1f}"),
+              ("CLIP-S(b) > CLIP-S(c)", lambda sb, sc: sb["CLIP-S"] > sc["CLIP-S"],
+               lambda sb, sc: f"{sb['CLIP-S']:.1f} vs {sc['CLIP-S']:.1f}"),
+              ("R@1(b) > R@1(c)", lambda sb, sc: sb["R@1"] > sc["R@1"],
+               lambda sb, sc: f"{sb['R@1']:.1f} vs {sc['R@1']:.1f}")]
+    lines, held = [], [0] * len(checks)
+    for seed in seeds:
+        cells = []
+        for i, (what, test, show) in enumerate(checks):
+            ok = test(b[seed], c[seed])
+            held[i] += ok
+            cells.append(f"{what}: {'yes' if ok else 'no'} ({show(b[seed], c[seed])})")
+        lines.append(f"seed {seed}: " + "; ".join(cells))
+    lines += [f"{what}: held in {n} of {len(seeds)} seeds" for (what, _, _), n in zip(checks, held)]
+    paired = [s for s in seeds if s in a]
+    if len(paired) >= 2:
+        drop = [b[s]["attr_precision"] - a[s]["attr_precision"] for s in paired]
+        spread = max(statistics.stdev([a[s]["attr_precision"] for s in paired]),
+                     statistics.stdev([b[s]["attr_precision"] for s in paired]), statistics.stdev(drop))
+        larger = all(d < 0 for d in drop) and -statistics.mean(drop) > spread
+        lines.append(f"attr_precision (b) - (a) by seed: {', '.join(f'{d:+.1f}' for d in drop)}, mean "
+                     f"{statistics.mean(drop):+.1f}; the largest std over seeds (of (a), (b) or the change) is "
+                     f"{spread:.1f}: the drop is {'larger than the spread' if larger else 'within the spread'}")
+    return lines
 
 
 def draw_grid(path, images, texts, wrap=100):

@@ -1,0 +1,61 @@
+"""The results table and the claims: score files that differ only in their seed make one row of
+mean ± std, and the paper's claims are counted seed by seed."""
+import json
+import statistics
+
+import pytest
+
+import sample
+from nanocap.tools import report
+from nanocap.tools.cli import parse_config
+
+
+def write(path, **scores):
+    path.write_text(json.dumps(scores))
+    return str(path)
+
+
+def test_files_differing_only_in_seed_make_one_row_of_mean_and_sample_std(tmp_path):
+    a = [write(tmp_path / f"a_run.seed{s}.json", CIDEr=c, R1=0) for s, c in ((1, 100.0), (2, 110.0), (3, 120.0))]
+    e = write(tmp_path / "e_refs.json", CIDEr=134.06)
+    (tmp_path / "a_run.seed1.captions.json").write_text(json.dumps(["a caption"]))
+    lines = report.score_table(a + [e, str(tmp_path / "a_run.seed1.captions.json")], columns=["CIDEr", "CLIP-S"])
+    assert lines[0] == "| run | seeds | CIDEr | CLIP-S |"
+    assert lines[2] == "| a_run | 3 | 110.0 ± 10.0 | – |"  # stdev with n - 1: 10, not 8.2
+    assert lines[3] == "| e_refs | 1 | 134.1 | – |"
+    assert len(lines) == 4  # the captions file is skipped
+    assert report.run_name("results/b_stage2.seed1338.json") == ("b_stage2", 1338)
+    assert report.run_name("results/e_references.json") == ("e_references", None)
+
+
+def scores(cider, clip_s, r1, precision):
+    return dict(CIDEr=cider, **{"CLIP-S": clip_s, "R@1": r1, "attr_precision": precision})
+
+
+def test_claims_are_checked_and_counted_seed_by_seed(tmp_path):
+    for seed, a, b, c in ((1, scores(120, 160, 25, 82.0), scores(150, 180, 45, 79.0), scores(160, 175, 50, 81)),
+                          (2, scores(121, 161, 24, 82.5), scores(140, 170, 40, 79.5), scores(160, 175, 38, 81)),
+                          (3, scores(119, 162, 26, 81.5), scores(143, 176, 30, 78.5), scores(158, 170, 35, 80))):
+        for name, s in (("a_stage1_2pct", a), ("b_stage2", b), ("c_full", c)):
+            write(tmp_path / f"{name}.seed{seed}.json", **s)
+    lines = report.claims(str(tmp_path))
+    assert lines[0].startswith("seed 1: CIDEr(b) >= 0.9 x CIDEr(c): yes (150.0 vs 144.0)")
+    assert "R@1(b) > R@1(c): no (45.0 vs 50.0)" in lines[0]
+    assert "CIDEr(b) >= 0.9 x CIDEr(c): no (140.0 vs 144.0)" in lines[1]  # 140 < 0.9 x 160
+    assert lines[3:6] == ["CIDEr(b) >= 0.9 x CIDEr(c): held in 2 of 3 seeds",
+                          "CLIP-S(b) > CLIP-S(c): held in 2 of 3 seeds",
+                          "R@1(b) > R@1(c): held in 1 of 3 seeds"]
+    drop = [79.0 - 82.0, 79.5 - 82.5, 78.5 - 81.5]  # -3 in every seed, spread 0.5
+    assert lines[6].startswith("attr_precision (b) - (a) by seed: -3.0, -3.0, -3.0, mean -3.0")
+    assert lines[6].endswith("the drop is larger than the spread") and statistics.stdev(drop) == 0
+    write(tmp_path / "b_stage2.seed3.json", **scores(143, 176, 30, 84.0))  # one seed gains: within the spread
+    assert report.claims(str(tmp_path))[6].endswith("the drop is within the spread")
+
+
+def test_claims_without_score_files_fail_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no seed has both b_stage2.seedN.json and c_full.seedN.json"):
+        sample.main(parse_config(sample.Config, ["--claims", str(tmp_path)]))
+    write(tmp_path / "b_stage2.seed1.json", **scores(150, 180, 45, 79))
+    write(tmp_path / "c_full.seed1.json", **scores(150, 170, 40, 80))
+    assert sample.main(parse_config(sample.Config, ["--claims", str(tmp_path)])) == 0
+    assert "held in 1 of 1 seeds" in capsys.readouterr().out

@@ -265,7 +265,7 @@ def train_stage(cfg, stage, system):
                 loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen, system)
                 if not torch.isfinite(loss):
                     raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint "
-                                     f"is {path}. Lower --lr or --stage2_lr and resume with --resume")
+                                     f"is {last_path}. Lower --lr or --stage2_lr and resume with --resume")
                 (loss / cfg.grad_accum).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)

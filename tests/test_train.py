@@ -180,19 +180,23 @@ def test_stage1_keeps_its_best_checkpoint_and_stage2_its_last(tmp_path, tiny_sha
     assert same_weights(tmp_path / "last" / "stage1.pt", tmp_path / "best" / "stage1.last.pt")
 
 
-def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_path, tiny_run, tiny_shapes):
+def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_path, tiny_run, tiny_shapes, capsys):
     ckpt = read_checkpoint(os.path.join(tiny_run, "stage1.pt"))
     assert ckpt["split"]["labeled_fraction"] == 0.02 and ckpt["split"]["seed"] == 1337
     assert ckpt["split"]["n_labeled"] == 2 and ckpt["split"]["n_train"] == 120
-    common = ("--stage", "2", "--data_dir", tiny_shapes, "--init_from", os.path.join(tiny_run, "stage1.pt"),
-              "--out_dir", tmp_path / "s2", "--stage2_iters", "1", "--stage2_batch_size", "2", "--samples_per_image", "2")
-    for flags, named in ((["--seed", "1338"], "--seed 1338 (stage 1: 1337)"),
-                         (["--labeled_fraction", "0.5"], "--labeled_fraction 0.5 (stage 1: 0.02)")):
-        r = cli("train.py", *common, *flags)
-        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert r.stderr.startswith(f"error: {named}") and "into stage 2's unlabeled pool" in r.stderr
-        assert "pass stage 1's --labeled_fraction 0.02 --seed 1337" in r.stderr
+    stage2 = lambda **kw: train.main(train.Config(stage=2, data_dir=tiny_shapes, out_dir=str(tmp_path / "s2"),
+                                                  init_from=os.path.join(tiny_run, "stage1.pt"), stage2_iters=1,
+                                                  stage2_batch_size=2, samples_per_image=2, **kw))
     labeled, _ = layout.labeled_split(120, 0.02, 1337)
     _, pool = layout.labeled_split(120, 0.02, 1338)
-    assert f"would put {len(set(labeled) & set(pool))} of the 2 images" in cli("train.py", *common, "--seed", "1338").stderr
-    assert cli("train.py", *common).returncode == 0  # stage 1's own split: 118 unlabeled images
+    for kw, named in ((dict(seed=1338), "--seed 1338 (stage 1: 1337)"),
+                      (dict(labeled_fraction=0.5), "--labeled_fraction 0.5 (stage 1: 0.02)")):
+        with pytest.raises(SystemExit) as e:
+            stage2(**kw)
+        line = str(e.value)
+        assert "\n" not in line and line.startswith(f"error: {named} would put ")
+        assert "into stage 2's unlabeled pool; pass stage 1's --labeled_fraction 0.02 --seed 1337" in line
+        if "seed" in kw:
+            assert f"would put {len(set(labeled) & set(pool))} of the 2 images" in line
+    stage2()  # stage 1's own split: its 118 unlabeled images
+    assert "118 unlabeled images" in capsys.readouterr().out

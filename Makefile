@@ -41,24 +41,31 @@ notebooks: install
 # samples), (e) once, then the table (mean ± std over the seeds) and the paper's claims seed by seed.
 # Each target below takes under an hour on a 2-core CPU: make results-seed SEED=1338 (rows (a)-(d)),
 # make results-long SEED=1338 (the 2,400-step row), make results-table.
+# One thread per run (OMP_NUM_THREADS=1), so that a rerun on the same CPU gives the same figures:
+# the thread count changes the order of float sums, and a run drifts from there. Two seeds side by
+# side use both cores of a 2-core CPU: make results-seed SEED=1337 & make results-seed SEED=1338 & wait
 SEEDS ?= 1337 1338 1339
-EVAL  := HF_HUB_OFFLINE=1 $(PY) sample.py --split test --eval
+EVAL  := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) sample.py --split test --eval
+TRAIN := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) train.py
 RUN    = out/results/seed$(SEED)
 results: install
 	for s in $(SEEDS); do $(MAKE) results-seed SEED=$$s && $(MAKE) results-long SEED=$$s || exit 1; done
 	$(MAKE) results-table
 
 results-seed: install
-	HF_HUB_OFFLINE=1 $(PY) train.py --seed $(SEED) --out_dir $(RUN)/shapes
-	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1 --config configs/shapes_full.json --seed $(SEED) --out_dir $(RUN)/shapes_full
-	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1 --config configs/shapes_clipcap.json --seed $(SEED) --out_dir $(RUN)/shapes_clipcap
+	$(TRAIN) --seed $(SEED) --out_dir $(RUN)/shapes
+	$(TRAIN) --stage 1 --config configs/shapes_full.json --seed $(SEED) --out_dir $(RUN)/shapes_full
+	$(TRAIN) --stage 1 --config configs/shapes_clipcap.json --seed $(SEED) --out_dir $(RUN)/shapes_clipcap
 	$(EVAL) --ckpt $(RUN)/shapes/stage1.pt         --out_json results/a_stage1_2pct.seed$(SEED).json
 	$(EVAL) --ckpt $(RUN)/shapes/stage2.pt         --out_json results/b_stage2.seed$(SEED).json
 	$(EVAL) --ckpt $(RUN)/shapes_full/stage1.pt    --out_json results/c_full.seed$(SEED).json
 	$(EVAL) --ckpt $(RUN)/shapes_clipcap/stage1.pt --out_json results/d_clipcap.seed$(SEED).json
+	# the last stage-1 states (step 600), beside the best-val-loss checkpoints that the rows use
+	$(EVAL) --ckpt $(RUN)/shapes/stage1.last.pt         --out_json results/a_stage1_2pct_last.seed$(SEED).json
+	$(EVAL) --ckpt $(RUN)/shapes_clipcap/stage1.last.pt --out_json results/d_clipcap_last.seed$(SEED).json
 
 results-long: install
-	HF_HUB_OFFLINE=1 $(PY) train.py --stage 1 --config configs/shapes_full.json --max_iters 2400 --eval_interval 400 \
+	$(TRAIN) --stage 1 --config configs/shapes_full.json --max_iters 2400 --eval_interval 400 \
 	    --seed $(SEED) --out_dir $(RUN)/shapes_full_2400
 	$(EVAL) --ckpt $(RUN)/shapes_full_2400/stage1.pt --out_json results/c_full_2400.seed$(SEED).json
 
@@ -66,7 +73,8 @@ results-table: install
 	test -f results/e_references.json || $(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt \
 	    --out_json results/e_references.json
 	$(PY) sample.py --table results/a_stage1_2pct.seed*.json results/b_stage2.seed*.json results/c_full.seed*.json \
-	    results/c_full_2400.seed*.json results/d_clipcap.seed*.json results/e_references.json
+	    results/c_full_2400.seed*.json results/d_clipcap.seed*.json results/e_references.json \
+	    results/a_stage1_2pct_last.seed*.json results/d_clipcap_last.seed*.json
 	$(PY) sample.py --claims results
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 6 --grid assets/examples.png --ckpts \
 	    out/results/seed1337/shapes/stage1.pt out/results/seed1337/shapes/stage2.pt out/results/seed1337/shapes_full/stage1.pt

@@ -43,10 +43,12 @@ def mean_std(values):
 
 def score_table(files, columns=TABLE_COLUMNS):
     """Score files as markdown lines, a row per run: files that differ only in their seed
-    (name.seedN.json) make one row of mean ± std over the seeds. Files without scores are skipped
-    with a line on stderr."""
+    (name.seedN.json) make one row of mean ± std over the seeds. The *.captions.json beside each
+    are passed over; other files without scores are skipped with a line on stderr."""
     runs = {}  # name -> [scores], in the order given
     for f in files:
+        if f.endswith(".captions.json"):
+            continue
         scores = read_scores(f)
         if scores is None:
             print(f"skipped: {f} is not a score file of --eval --out_json", file=sys.stderr)

@@ -223,7 +223,9 @@ def train_stage(cfg, stage, system):
     iters, peak_lr, warmup = ((cfg.max_iters, cfg.lr, cfg.warmup_iters) if stage == 1 else
                               (cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters))
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
-    step, best = resume_from(cfg, stage, last_path, clip_info, model, optimizer, gen, master)
+    # --resume reads the last state; a run made before --keep_best has only stage1.pt
+    resume_path = last_path if os.path.isfile(last_path) or not os.path.isfile(path) else path
+    step, best = resume_from(cfg, stage, resume_path, clip_info, model, optimizer, gen, master)
     if master and step == 0:
         restart_log(cfg.out_dir, stage)
     forward = torch.compile(model) if cfg.compile else model

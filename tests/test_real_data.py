@@ -108,8 +108,9 @@ def test_coco_layout_meta_and_skipped_image(coco_dir, models):
 
 def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models):
     out = tmp_path / "out"
-    common = dict(data_dir=str(coco_dir), out_dir=str(out), eval_interval=1000, log_interval=1, max_new_tokens=8)
-    train.main(train.Config(stage=1, labeled_fraction=0.5, batch_size=2, max_iters=2, contrastive_samples=2, **common))
+    common = dict(data_dir=str(coco_dir), out_dir=str(out), eval_interval=1000, log_interval=1, max_new_tokens=8,
+                  labeled_fraction=0.5)  # both stages: stage 2's pool is the half stage 1 did not see captioned
+    train.main(train.Config(stage=1, batch_size=2, max_iters=2, contrastive_samples=2, **common))
     ckpt = read_checkpoint(out / "stage1.pt")
     assert ckpt["clip"]["name"] == "ViT-B-32-quickgelu" and ckpt["clip"]["weights"] == models["clip"]
     assert ckpt["model_args"]["gpt"]["n_embd"] == 32  # the GPT named in meta.json

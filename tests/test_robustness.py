@@ -87,6 +87,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_run):
 def test_resume_with_a_different_model_is_one_line(tmp_path, tiny_run, tiny_shapes):
     out = tmp_path / "out"
     out.mkdir()
+    # only stage1.pt, as a run made before --keep_best left it: --resume falls back to it
     (out / "stage1.pt").write_bytes(open(os.path.join(tiny_run, "stage1.pt"), "rb").read())
     r = cli("train.py", "--stage", "1", "--data_dir", tiny_shapes, "--out_dir", str(out), "--resume", "--prefix_len", "4",
             "--max_iters", "3")
@@ -118,9 +119,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shapes
 
     monkeypatch.setattr(losses, "caption_loss", poisoned)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="nan.*stage1.pt.*--resume"):
+    with pytest.raises(SystemExit, match="nan.*stage1.last.pt.*--resume"):
         train.main(train.Config(stage=1, data_dir=tiny_shapes, out_dir=str(out), max_iters=8, eval_interval=2,
                                 batch_size=4, contrastive_weight=0.0))
-    ckpt = read_checkpoint(out / "stage1.pt")
+    ckpt = read_checkpoint(out / "stage1.last.pt")  # what --resume reads (stage1.pt is the best of steps 2 and 4)
     assert ckpt["step"] == 4  # saved at the last eval before the bad step
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

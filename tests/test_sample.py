@@ -78,9 +78,10 @@ def test_table_collects_score_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"BLEU-4": 12.345, "CIDEr": 100.0, "distinct": 50}))
     (tmp_path / "b.json").write_text(json.dumps({"CIDEr": 7.0}))
     (tmp_path / "a.captions.json").write_text(json.dumps([{"image_id": 0, "caption": "x"}]))  # caught by a glob
-    r = sample_cli("--table", str(tmp_path / "a.json"), str(tmp_path / "a.captions.json"), str(tmp_path / "b.json"))
+    (tmp_path / "notes.json").write_text(json.dumps(["not scores"]))
+    r = sample_cli("--table", *(str(tmp_path / f) for f in ("a.json", "a.captions.json", "notes.json", "b.json")))
     assert r.returncode == 0, r.stderr
-    assert "a.captions.json is not a score file" in r.stderr
+    assert "notes.json is not a score file" in r.stderr and "captions" not in r.stderr  # captions: passed over
     header, rule, a, b = r.stdout.strip().splitlines()
     assert header.split("|")[1].strip() == "run" and "CIDEr" in header
     cells = lambda row: [c.strip() for c in row.strip("|").split("|")]

@@ -195,8 +195,10 @@ def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_pat
             stage2(**kw)
         line = str(e.value)
         assert "\n" not in line and line.startswith(f"error: {named} would put ")
-        assert "into stage 2's unlabeled pool; pass stage 1's --labeled_fraction 0.02 --seed 1337" in line
+        assert line.endswith("it left unlabeled; pass stage 1's --labeled_fraction 0.02 --seed 1337")
         if "seed" in kw:
             assert f"would put {len(set(labeled) & set(pool))} of the 2 images" in line
+        else:  # a larger fraction, same seed: stage 1's labeled images stay out, 58 unseen ones go too
+            assert "would put 0 of the 2 images" in line and "leave out 58 of the 118 it left unlabeled" in line
     stage2()  # stage 1's own split: its 118 unlabeled images
     assert "118 unlabeled images" in capsys.readouterr().out

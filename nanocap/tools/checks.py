@@ -41,11 +41,12 @@ def check_split(path, ckpt, split):
     theirs = ckpt.get("split") or ckpt["config"]  # checkpoints before the split was saved: their config
     wrong = [f"--{k} {split[k]} (stage 1: {theirs[k]})" for k in ("labeled_fraction", "seed") if split[k] != theirs[k]]
     if wrong:
-        labeled, _ = layout.labeled_split(split["n_train"], theirs["labeled_fraction"], theirs["seed"],
-                                          split["n_captioned"])
+        labeled, unlabeled = layout.labeled_split(split["n_train"], theirs["labeled_fraction"], theirs["seed"],
+                                                  split["n_captioned"])
         _, pool = layout.labeled_split(split["n_train"], split["labeled_fraction"], split["seed"], split["n_captioned"])
         raise SystemExit(f"error: {' and '.join(wrong)} would put {len(set(labeled) & set(pool))} of the "
-                         f"{len(labeled)} images {path} learned with their captions into stage 2's unlabeled pool; "
+                         f"{len(labeled)} images {path} learned with their captions into stage 2's unlabeled pool "
+                         f"and leave out {len(set(unlabeled) - set(pool))} of the {len(unlabeled)} it left unlabeled; "
                          f"pass stage 1's --labeled_fraction {theirs['labeled_fraction']} --seed {theirs['seed']}")
     if "n_train" in theirs and theirs["n_train"] != split["n_train"]:
         raise SystemExit(f"error: {path} was trained on a dataset of {theirs['n_train']} train images, {split['n_train']} "

@@ -39,7 +39,7 @@ notebooks: install
 # The README's results table on the shapes test split: rows (a) to (d), and (c) at 2,400 steps,
 # trained and scored for each of 3 seeds (the seed chooses the labeled 2%, the batches and the
 # samples), (e) once, then the table (mean ± std over the seeds) and the paper's claims seed by seed.
-# Each target below takes under an hour on a 2-core CPU: make results-seed SEED=1338 (rows (a)-(d)),
+# Each target below takes about an hour or less on a 2-core CPU: make results-seed SEED=1338 (rows (a)-(d)),
 # make results-long SEED=1338 (the 2,400-step row), make results-table.
 # One thread per run (OMP_NUM_THREADS=1), so that a rerun on the same CPU gives the same figures:
 # the thread count changes the order of float sums, and a run drifts from there. Two seeds side by

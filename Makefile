@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo results results-seed results-long results-table notebooks clean
+.PHONY: install test demo results results-seed results-score results-long results-table notebooks clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ results-seed: install
 	$(TRAIN) --seed $(SEED) --out_dir $(RUN)/shapes
 	$(TRAIN) --stage 1 --config configs/shapes_full.json --seed $(SEED) --out_dir $(RUN)/shapes_full
 	$(TRAIN) --stage 1 --config configs/shapes_clipcap.json --seed $(SEED) --out_dir $(RUN)/shapes_clipcap
+	$(MAKE) results-score SEED=$(SEED)
+
+# score one seed's trained rows again, without training (after a metric changes): a few minutes
+results-score: install
 	$(EVAL) --ckpt $(RUN)/shapes/stage1.pt         --out_json results/a_stage1_2pct.seed$(SEED).json
 	$(EVAL) --ckpt $(RUN)/shapes/stage2.pt         --out_json results/b_stage2.seed$(SEED).json
 	$(EVAL) --ckpt $(RUN)/shapes_full/stage1.pt    --out_json results/c_full.seed$(SEED).json
@@ -63,6 +67,8 @@ results-seed: install
 	# the last stage-1 states (step 600), beside the best-val-loss checkpoints that the rows use
 	$(EVAL) --ckpt $(RUN)/shapes/stage1.last.pt         --out_json results/a_stage1_2pct_last.seed$(SEED).json
 	$(EVAL) --ckpt $(RUN)/shapes_clipcap/stage1.last.pt --out_json results/d_clipcap_last.seed$(SEED).json
+	test ! -f $(RUN)/shapes_full_2400/stage1.pt || \
+	    $(EVAL) --ckpt $(RUN)/shapes_full_2400/stage1.pt --out_json results/c_full_2400.seed$(SEED).json
 
 results-long: install
 	$(TRAIN) --stage 1 --config configs/shapes_full.json --max_iters 2400 --eval_interval 400 \
@@ -70,8 +76,7 @@ results-long: install
 	$(EVAL) --ckpt $(RUN)/shapes_full_2400/stage1.pt --out_json results/c_full_2400.seed$(SEED).json
 
 results-table: install
-	test -f results/e_references.json || $(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt \
-	    --out_json results/e_references.json
+	$(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt --out_json results/e_references.json
 	$(PY) sample.py --table results/a_stage1_2pct.seed*.json results/b_stage2.seed*.json results/c_full.seed*.json \
 	    results/c_full_2400.seed*.json results/d_clipcap.seed*.json results/e_references.json \
 	    results/a_stage1_2pct_last.seed*.json results/d_clipcap_last.seed*.json

@@ -22,7 +22,7 @@ import torch
 
 from nanocap.captioner import load_captioner
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.data import layout, shapes
+from nanocap.data import grammar, layout, shapes
 from nanocap.data.images import ImageError, find_images, load_image
 from nanocap.decode import LENGTH_PENALTY, generate
 from nanocap.tokenizer import get_tokenizer
@@ -132,6 +132,7 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     scenes = [r["scene"] for r in records] if all("scene" in r for r in records) else None  # the shapes world
     scores = metrics.evaluate_captions(candidates, references, clip=eval_clip, image_features=eval_feats,
                                        scenes=scenes, attribute_scorer=shapes.attribute_scores if scenes else None,
+                                       fluent=grammar.fluent if scenes else None,
                                        spice=cfg.spice)
     print(metrics.format_table(scores))
     if cfg.out_json:

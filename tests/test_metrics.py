@@ -13,7 +13,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from nanocap.data import shapes
+from nanocap.data import grammar, shapes
 from nanocap.tools import metrics
 
 JAVA = metrics.java_available()
@@ -213,16 +213,32 @@ def test_attribute_scores_on_shapes_scenes():
     rng = random.Random(0)
     scenes = [shapes.sample_scene(rng) for _ in range(4)]
     full = [shapes.caption(s, rng, "full") for s in scenes]
-    assert attr(full, scenes) == {"attr_precision": 100.0, "attr_recall": 100.0}
+    assert attr(full, scenes) == {"attr_precision": 100.0, "no_claim": 0.0, "rel_precision": 100.0,
+                                  "attr_recall": 100.0}
     good, bad = shapes.corrupt(scenes[0], rng, "colour")  # bad names a colour not in the scene
     assert attr([good], scenes[:1])["attr_precision"] == 100.0
     assert attr([bad], scenes[:1])["attr_precision"] < 100.0
-    # a caption that claims nothing: precision 1.0 by shapes' convention, recall 0
-    assert attr(["hello"], scenes[:1]) == {"attr_precision": 100.0, "attr_recall": 0.0}
+    # a caption that claims nothing has no precision to judge: it is counted in no_claim instead
+    assert attr(["hello"], scenes[:1]) == {"no_claim": 100.0, "attr_recall": 0.0}
     per = [shapes.attribute_scores(c, s) for c, s in zip([bad, "hello"], scenes[:2])]
     both = attr([bad, "hello"], scenes[:2])
-    assert both["attr_precision"] == pytest.approx(50 * (per[0]["precision"] + per[1]["precision"]))
+    assert both["attr_precision"] == pytest.approx(100 * per[0]["true"] / per[0]["claims"])  # "hello" adds nothing
+    assert both["no_claim"] == 50.0
     assert both["attr_recall"] == pytest.approx(50 * (per[0]["recall"] + per[1]["recall"]))
+
+
+def test_precision_is_pooled_over_claims_and_relations_counted_apart():
+    two = {"objects": [dict(size="small", colour="red", shape="circle", x=0.2, y=0.5),
+                       dict(size="large", colour="blue", shape="square", x=0.7, y=0.5)]}
+    long_wrong = "three shapes: a green star above a purple cross"  # 6 claims, all false
+    short_true = "a red circle left of a blue square"  # 5 claims (2 colours, 2 shapes, 1 relation), all true
+    s = metrics.attribute_scores([long_wrong, short_true], [two, two], shapes.attribute_scores)
+    assert s["attr_precision"] == pytest.approx(100 * 5 / 11)  # per image it would be 50
+    assert s["rel_precision"] == pytest.approx(50.0)  # "above" false, "left of" true
+    assert s["no_claim"] == 0.0
+    flu = metrics.attribute_scores([short_true, "a one little red circle"], [two, two], shapes.attribute_scores,
+                                   fluent=grammar.fluent)
+    assert flu["fluency"] == 50.0
 
 
 def test_diversity_known_values():
@@ -239,9 +255,10 @@ def test_evaluate_captions_and_table(monkeypatch, capsys):
     rng = random.Random(1)
     scenes = [shapes.sample_scene(rng) for _ in cands]
     scores = metrics.evaluate_captions(cands, refs, clip=fake, image_features=torch.eye(5, 3), scenes=scenes,
-                                       attribute_scorer=shapes.attribute_scores)
+                                       attribute_scorer=shapes.attribute_scores, fluent=grammar.fluent)
     assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S",
-                            "R@1", "R@5", "R@10", "attr_precision", "attr_recall", "distinct", "mean_length"]
+                            "R@1", "R@5", "R@10", "attr_precision", "no_claim", "rel_precision", "attr_recall",
+                            "fluency", "distinct", "mean_length"]
     assert scores["CIDEr"] == metrics.coco_scores(CANDIDATES, REFERENCES)["CIDEr"]
     table = metrics.format_table(scores)
     assert len(table.splitlines()) == 2 + len(scores) and "RefCLIP-S" in table and f"{scores['CIDEr']:.2f}" in table

@@ -140,7 +140,8 @@ def test_scores_catch_wrong_captions():
     full = attribute_scores("two shapes: a small red circle to the left of a large blue square", TWO)
     assert full == {"precision": 1.0, "recall": 1.0, "claims": 8, "true": 8, "facts": 8, "covered": 8,
                     "checked": [("small", True), ("red", True), ("circle", True), ("large", True), ("blue", True),
-                                ("square", True), ("circle left of square", True), ("2 in all", True)]}
+                                ("square", True), ("circle left of square", True), ("2 in all", True)],
+                    "rel_claims": 1, "rel_true": 1}
     wrong = attribute_scores("a big red circle above a blue star", TWO)["checked"]
     assert wrong == [("large", False), ("red", True), ("circle", True), ("blue", True), ("star", False),
                      ("circle above star", False)], wrong

@@ -295,9 +295,10 @@ def attribute_scores(text, scene):
     objects) that makes the most claims true; unmatched mentions' claims are false.
     precision = true claims / claims, defined as 1.0 for a caption that claims nothing (it
     hallucinates nothing; its recall is what suffers). recall = facts covered by true
-    claims / facts. The counts are returned too, so a corpus can be micro-averaged
-    (sum true / sum claims), which sidesteps the 1.0 for empty captions; "checked" lists each
-    claim with its verdict, e.g. [("large", True), ("circle left of square", False)]."""
+    claims / facts. The counts are returned too, so a corpus can be pooled (sum true / sum
+    claims, as metrics.attribute_scores does), which sidesteps the 1.0 for empty captions;
+    rel_claims and rel_true count the relation claims alone; "checked" lists each claim with
+    its verdict, e.g. [("large", True), ("circle left of square", False)]."""
     p, objs = parse(text), scene["objects"]
     truth = {(i, j): r for i, r, j in relations(scene)}
     holds = lambda i, r, j: truth.get((i, j)) == r or truth.get((j, i)) == INVERSE[r]
@@ -319,9 +320,11 @@ def attribute_scores(text, scene):
                 checked.append((mention[a], ok))
                 if ok:
                     covered.add((best[m], a))
+    rel_true = 0
     for a, r, b in rels:
         ok = a in best and b in best and holds(best[a], r, best[b])
         checked.append((f"{ms[a]['shape'] or 'shape'} {r} {ms[b]['shape'] or 'shape'}", ok))
+        rel_true += ok
         if ok:
             covered.add(frozenset((best[a], best[b])))
     if p["count"] is not None:
@@ -331,7 +334,8 @@ def attribute_scores(text, scene):
             covered.add("count")
     claims, true, facts = len(checked), sum(ok for _, ok in checked), 3 * len(objs) + len(truth) + 1
     return {"precision": true / claims if claims else 1.0, "recall": len(covered) / facts,
-            "claims": claims, "true": true, "facts": facts, "covered": len(covered), "checked": checked}
+            "claims": claims, "true": true, "facts": facts, "covered": len(covered), "checked": checked,
+            "rel_claims": len(rels), "rel_true": rel_true}
 
 def corrupt(scene, rng, what):
     """A minimal pair for probing a CLIP: (a full caption, the same caption with one thing

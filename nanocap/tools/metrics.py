@@ -14,7 +14,8 @@ This file computes both families, plus two the shapes world allows:
     SPICE      Anderson et al. 2016, "SPICE: Semantic Propositional Image Caption Evaluation"
   CLIP (Hessel et al. 2021, "CLIPScore", arXiv 2104.08718)
     CLIP-S, RefCLIP-S, and text-to-image retrieval R@k (is the caption distinctive?)
-  shapes world only: attribute precision / recall against the scene's ground truth
+  shapes world only: attribute and relation precision (pooled over claims) and recall against
+    the scene's ground truth, and fluency (could the world's grammar have written the caption?)
   diversity: share of distinct captions, mean length
 
 Every score is reported x100, as papers do. COCOEvalCap.evaluate() is not used: it always
@@ -235,17 +236,34 @@ def retrieval(clip, image_features, candidates: list[str], prompt: str = CLIP_PR
 # shapes world and diversity
 
 
-def attribute_scores(candidates: list[str], scenes: list, scorer) -> dict:
-    """Attribute precision and recall against a known ground truth, x100.
+def attribute_scores(candidates: list[str], scenes: list, scorer, fluent=None) -> dict:
+    """How true and how complete the captions are against a known ground truth, x100.
 
-    scorer(caption, scene) -> {"precision": p, "recall": r} parses one caption's claims and
-    matches them to its scene: in the shapes world, data.shapes.attribute_scores (each stated
-    size, colour and shape, each relation, the count). Both are averaged over images (macro)."""
+    scorer(caption, scene) parses one caption's claims and matches them to its scene (in the
+    shapes world data.shapes.attribute_scores: each stated size, colour and shape, each
+    relation, the count) and returns counts: claims, true, rel_claims, rel_true, and recall.
+    attr_precision  true claims / claims, pooled over all captions: a caption that claims
+                    nothing adds nothing (per image it would count as 1.0, a free 100%)
+    no_claim        the share of captions that make no claim at all, shown beside it
+    rel_precision   the same for relation claims alone ("left of", "above", ...)
+    attr_recall     the share of the scene's facts a caption states truly, mean over images
+    fluency         with fluent(caption) -> bool (shapes: data.grammar.fluent), the share of
+                    captions the grammar could have written, true or not
+    A precision without a single claim to judge is left out, not invented."""
     if len(candidates) != len(scenes):
         raise ValueError(f"got {len(candidates)} captions but {len(scenes)} scenes; need one scene per caption")
     per_image = [scorer(c, s) for c, s in zip(candidates, scenes)]
-    return {"attr_precision": 100 * sum(p["precision"] for p in per_image) / len(per_image),
-            "attr_recall": 100 * sum(p["recall"] for p in per_image) / len(per_image)}
+    total = lambda key: sum(p[key] for p in per_image)
+    scores = {}
+    if total("claims"):
+        scores["attr_precision"] = 100 * total("true") / total("claims")
+    scores["no_claim"] = 100 * sum(p["claims"] == 0 for p in per_image) / len(per_image)
+    if total("rel_claims"):
+        scores["rel_precision"] = 100 * total("rel_true") / total("rel_claims")
+    scores["attr_recall"] = 100 * total("recall") / len(per_image)
+    if fluent is not None:
+        scores["fluency"] = 100 * sum(map(fluent, candidates)) / len(candidates)
+    return scores
 
 
 def diversity(candidates: list[str]) -> dict:
@@ -261,11 +279,12 @@ def diversity(candidates: list[str]) -> dict:
 
 
 def evaluate_captions(candidates: list[str], references: list[list[str]], clip=None, image_features=None,
-                      scenes=None, attribute_scorer=None, spice: bool = False, prompt: str = CLIP_PROMPT) -> dict:
+                      scenes=None, attribute_scorer=None, fluent=None, spice: bool = False,
+                      prompt: str = CLIP_PROMPT) -> dict:
     """All the metrics that apply, in one dict. Caption i belongs to image i: references[i],
     image_features[i] (N, D) and scenes[i] describe the same image. CLIP-S, RefCLIP-S and
     R@k need clip and image_features; attribute precision/recall needs scenes and their
-    attribute_scorer (see attribute_scores)."""
+    attribute_scorer, and fluency a fluent(caption) test (see attribute_scores)."""
     if not isinstance(candidates, list) or not isinstance(references, list) or len(candidates) != len(references):
         raise ValueError("candidates and references must be lists of the same length "
                          "(one caption and one list of references per image)")
@@ -278,7 +297,7 @@ def evaluate_captions(candidates: list[str], references: list[list[str]], clip=N
     if (scenes is None) != (attribute_scorer is None):
         raise ValueError("attribute scores need both scenes and an attribute_scorer, or neither")
     if scenes is not None:
-        scores.update(attribute_scores(candidates, scenes, attribute_scorer))
+        scores.update(attribute_scores(candidates, scenes, attribute_scorer, fluent))
     scores.update(diversity(candidates))
     return scores
 

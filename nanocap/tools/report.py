@@ -14,7 +14,8 @@ import statistics
 import sys
 import textwrap
 
-TABLE_COLUMNS = ["BLEU-4", "METEOR", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "attr_precision", "attr_recall", "distinct"]
+TABLE_COLUMNS = ["BLEU-4", "METEOR", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "attr_precision", "no_claim",
+                 "rel_precision", "attr_recall", "fluency", "distinct"]
 
 
 def read_scores(f):

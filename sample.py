@@ -84,6 +84,16 @@ def caption_features(cfg, model, tok, features, device):
     return out
 
 
+def split_features(data_dir, split, clip):
+    """(N, D) features of a split's images by the checkpoint's CLIP: the file whose header names it
+    (features.safetensors for the dataset's own CLIP, features_*.safetensors for another)."""
+    path = layout.find_features(data_dir, split, clip["name"], clip["weights"])
+    if path is None:
+        raise SystemExit(f"error: {data_dir}/{split} holds no features of CLIP {clip['name']} ({clip['weights']}), "
+                         f"which the checkpoint was trained on; pass the --data_dir it was trained on")
+    return layout.load_features(path)
+
+
 def caption_images(cfg, model, ckpt, tok, device):
     files, errors = find_images(cfg.image)
     images, names = [], []
@@ -119,7 +129,7 @@ def evaluate_split(cfg, model, ckpt, tok, device):
         candidates = [refs[0] for refs in references]
         references = [refs[1:] for refs in references]
     else:
-        feats = layout.load_features(os.path.join(split_dir, "features.safetensors"))
+        feats = split_features(data_dir, cfg.split, ckpt["clip"])
         candidates = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
     eval_clip = CLIPEncoder(in_data(meta["eval_clip"]), in_data(meta["eval_clip_weights"]), device=device)
     eval_feats_file = os.path.join(split_dir, "features_eval.safetensors")
@@ -157,7 +167,7 @@ def compare_checkpoints(cfg, device):
             raise SystemExit(f"error: {e}")
         data_dir = data_dir or ckpt["config"]["data_dir"]  # one dataset for all: the same images in every column
         split_dir = layout.split_dir(data_dir, cfg.split)
-        feats = layout.load_features(os.path.join(split_dir, "features.safetensors"))[: cfg.compare]
+        feats = split_features(data_dir, cfg.split, ckpt["clip"])[: cfg.compare]
         tok = get_tokenizer(**ckpt["tokenizer"])
         # a short label: "stage 1", or "shapes_full/stage1" when the checkpoints come from several runs
         stem = os.path.splitext(os.path.basename(path))[0]

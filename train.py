@@ -6,10 +6,14 @@ Stage 1, few labels (--labeled_fraction of the train images, each with all its c
 Stage 2, unlabeled images (their captions are never read), from the stage-1 checkpoint:
     loss = REINFORCE(CLIP-S) + β · KL(π ‖ π_stage1)                      losses.stage2_loss
 The objectives live in nanocap/losses.py; this file is config, data, model and the loop.
+Two CLIPs have two parts: --clip's image features feed the mapper, and --reward_clip scores the
+sampled captions (stage 1's contrastive reward, stage 2's CLIP-S); by default one CLIP does both.
 
     python train.py                            # stage 1, then stage 2 from its checkpoint
     python train.py --stage 1                  # one stage; --stage 2 starts from out_dir/stage1.pt
     python train.py --config configs/coco_mlp.json    # COCO: ClipCap's MLP recipe, 2% of labels
+    python train.py --reward_clip data/shapes/models/clip_comp.json \
+        --reward_clip_weights data/shapes/models/clip_comp.safetensors   # captions scored by another CLIP
     torchrun --nproc_per_node 2 train.py --stage 1    # DDP (gloo on CPU, nccl on CUDA)
 """
 
@@ -31,9 +35,9 @@ from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.checks import check_checkpoint, check_clip, check_split
+from nanocap.tools.checks import check_checkpoint, check_split, resolve_clips
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, pick_device, plot_log, restart_log
+from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, plot_log, restart_log, setup_system
 
 # -----------------------------------------------------------------------------
 # config
@@ -51,8 +55,10 @@ class Config:
                                                             "state goes to stage1.last.pt (stage 2 keeps its last)"})
     seed: int = field(default=1337, metadata={"help": "labeled split, batches and sampling"})
     # model (stage 1; stage 2 continues the stage-1 model, finetune_gpt included)
-    clip: str = field(default="", metadata={"help": "'' = the dataset's CLIP; else it must be that CLIP"})
-    clip_weights: str = field(default="", metadata={"help": "'' = the dataset's CLIP weights; checked like --clip"})
+    clip: str = field(default="", metadata={"help": "CLIP whose features feed the mapper ('' = the dataset's)"})
+    clip_weights: str = field(default="", metadata={"help": "its weights ('' = the dataset's CLIP weights)"})
+    reward_clip: str = field(default="", metadata={"help": "CLIP that scores sampled captions ('' = --clip)"})
+    reward_clip_weights: str = field(default="", metadata={"help": "its weights ('' = --clip_weights, or openai)"})
     gpt: str = field(default="", metadata={"help": "'' = the dataset's GPT; a GPT-2 name, HF folder, or none"})
     gpt_n_layer: int = field(default=4, metadata={"help": "--gpt none: layers"})
     gpt_n_embd: int = field(default=128, metadata={"help": "--gpt none: width"})
@@ -97,48 +103,22 @@ class Config:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
 
 
-@dataclass
-class System:
-    """Where this process runs: one process, or one rank of DDP under torchrun."""
-    ddp: bool
-    rank: int
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-
-
-def setup_system(cfg):
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ["RANK"]) if ddp else 0
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)) if ddp else None)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    return System(ddp, rank, device, dtype)
-
 # -----------------------------------------------------------------------------
 # data: the labeled fraction for stage 1, the rest (features only) for stage 2
 
 
 def load_data(cfg, stage):
-    """(meta, clip_info, the stage's training set, val, split). Stage 1 trains on a layout.Captioned
-    set, stage 2 on a layout.Unlabeled pool, which holds no captions at all. split describes the
-    labeled split; stage 1 saves it, stage 2 checks it against the checkpoint it continues."""
+    """(meta, clip_info, reward_info, the stage's training set, val, split). Stage 1 trains on a
+    layout.Captioned set, stage 2 on a layout.Unlabeled pool, which holds no captions at all, only
+    the features and the reward CLIP's features. split describes the labeled split; stage 1 saves
+    it, stage 2 checks it against the checkpoint it continues."""
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         raise SystemExit(f"error: no dataset in {cfg.data_dir} (no meta.json); make one with data_prep.py first")
     meta = layout.read_json(os.path.join(cfg.data_dir, "meta.json"))
-    clip_info = {"name": layout.in_data_dir(cfg.data_dir, meta["clip"]),
-                 "weights": layout.in_data_dir(cfg.data_dir, meta["clip_weights"]),
-                 "normalized": meta["features_normalized"]}
-    check_clip(cfg, clip_info, meta.get("dataset", "folder"))
-    feats = layout.load_features(os.path.join(cfg.data_dir, "train", "features.safetensors"))
+    clip, reward = resolve_clips(cfg, meta, meta.get("dataset", "folder"), reward_images=stage == 2 or cfg.stage == 0)
+    clip_info = {k: clip[k] for k in ("name", "weights", "normalized")}  # what a checkpoint records
+    reward_info = {k: reward[k] for k in ("name", "weights")}
+    feats = layout.load_features(clip["features"]["train"])
     # own folders: captioned train images come first, the uncaptioned ones are always unlabeled
     labeled_idx, unlabeled_idx = layout.labeled_split(len(feats), cfg.labeled_fraction, cfg.seed,
                                                       meta.get("train_captioned"))
@@ -154,11 +134,13 @@ def load_data(cfg, stage):
             raise SystemExit(f"error: {cfg.data_dir}/train has uncaptioned images before meta.json's "
                              f"train_captioned; re-run data_prep.py")
     else:
-        train_set = layout.Unlabeled(feats[unlabeled_idx])  # features only: captions are unreachable
+        reward_feats = layout.load_features(reward["features"]["train"])
+        train_set = layout.Unlabeled(feats[unlabeled_idx], reward_feats[unlabeled_idx])  # no captions at all
     val_dir = os.path.join(cfg.data_dir, "val")
-    val = layout.Captioned(layout.load_features(os.path.join(val_dir, "features.safetensors")),
-                           [r["captions"] for r in layout.read_jsonl(os.path.join(val_dir, "captions.jsonl"))])
-    return meta, clip_info, train_set, val, split
+    val = layout.Captioned(layout.load_features(clip["features"]["val"]),
+                           [r["captions"] for r in layout.read_jsonl(os.path.join(val_dir, "captions.jsonl"))],
+                           layout.load_features(reward["features"]["val"]) if "val" in reward["features"] else None)
+    return meta, clip_info, reward_info, train_set, val, split
 
 
 # -----------------------------------------------------------------------------
@@ -213,13 +195,13 @@ def train_stage(cfg, stage, system):
     path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
     keep_best = cfg.keep_best and stage == 1  # stage 2's val reward is its own reward: choosing by it would hack
     last_path = os.path.join(cfg.out_dir, "stage1.last.pt") if keep_best else path  # --resume reads this one
-    meta, clip_info, train_set, val, split = load_data(cfg, stage)
+    meta, clip_info, reward_info, train_set, val, split = load_data(cfg, stage)
     if stage == 1:
         (model, tok), reference, start = new_model(cfg, meta, train_set.features.size(1)), None, ""
     else:
         model, reference, tok, start = stage1_model(cfg, clip_info, split, device, master)
     model.to(device)
-    clip = CLIPEncoder(clip_info["name"], clip_info["weights"], device=device)
+    reward_clip = CLIPEncoder(reward_info["name"], reward_info["weights"], device=device)  # scores sampled captions
     iters, peak_lr, warmup = ((cfg.max_iters, cfg.lr, cfg.warmup_iters) if stage == 1 else
                               (cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters))
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
@@ -240,7 +222,7 @@ def train_stage(cfg, stage, system):
     t0 = time.time()
     while True:
         if master and (step % cfg.eval_interval == 0 or step == iters):
-            result, captions = evaluate(cfg, stage, model, val, tok, clip, system)
+            result, captions = evaluate(cfg, stage, model, val, tok, reward_clip, system)
             print(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             print("\n".join(f"  val[{i}] {c}" for i, c in enumerate(captions)))
             log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
@@ -248,7 +230,8 @@ def train_stage(cfg, stage, system):
             if improved:
                 best = {"val_loss": result["val_loss"], "step": step}
             if step > 0:
-                save_checkpoint(last_path, model, config=asdict(cfg), clip=clip_info, tokenizer=tok.describe(),
+                save_checkpoint(last_path, model, config=asdict(cfg), clip=clip_info, reward_clip=reward_info,
+                                tokenizer=tok.describe(),
                                 stage=stage, step=step, optimizer=optimizer.state_dict(), generator=gen.get_state(),
                                 torch_rng=torch.get_rng_state(), init_from=start, split=split, best=best)
             if keep_best and improved:  # the best is a copy of the last, taken when it was the best
@@ -264,7 +247,7 @@ def train_stage(cfg, stage, system):
         for micro in range(cfg.grad_accum):
             last = micro == cfg.grad_accum - 1
             with forward.no_sync() if system.ddp and not last else nullcontext():  # DDP syncs on the last
-                loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen, system)
+                loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
                 if not torch.isfinite(loss):
                     raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint "
                                      f"is {last_path}. Lower --lr or --stage2_lr and resume with --resume")
@@ -307,19 +290,19 @@ def resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master):
 
 
 def stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen, system):
-    """One micro-batch of the stage's objective: (loss, stats). `forward` is `model` as trained
-    (DDP- and/or compile-wrapped); losses.py says why both are passed."""
+    """One micro-batch of the stage's objective: (loss, stats). `clip` is the reward CLIP;
+    `forward` is `model` as trained (DDP- and/or compile-wrapped); losses.py says why both are passed."""
     batch_size = cfg.batch_size if stage == 1 else cfg.stage2_batch_size
-    feats, captions = layout.get_batch(train_set, batch_size, gen, system.device)
+    feats, scored_by = layout.get_batch(train_set, batch_size, gen, system.device)  # captions, or reward features
     common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, baseline_kind=cfg.baseline,
                   generator=gen, forward=forward, autocast=system.autocast())
     if stage == 1:
-        return losses.stage1_loss(model, feats, captions, clip, tok, weight=cfg.contrastive_weight,
+        return losses.stage1_loss(model, feats, scored_by, clip, tok, weight=cfg.contrastive_weight,
                                   k=cfg.contrastive_samples, tau=cfg.contrastive_temperature or None,
                                   max_caption_tokens=cfg.max_caption_tokens, **common)
     return losses.stage2_loss(model, reference, feats, clip, tok, k=cfg.samples_per_image,
                               reward_weight=cfg.reward_weight, kl_weight=cfg.kl_weight, prompt=cfg.clip_prompt,
-                              **common)
+                              reward_features=scored_by, **common)
 
 
 @torch.no_grad()
@@ -339,7 +322,8 @@ def evaluate(cfg, stage, model, val, tok, clip, system):
     else:
         g = greedy(model.gpt, model.prefix(feats), cfg.max_new_tokens, tok.eos_id)
         texts = [tok.decode(t) for t in g.tokens.tolist()]
-        reward = losses.clip_reward(clip, feats, texts, cfg.reward_weight, cfg.clip_prompt)
+        reward = losses.clip_reward(clip, val.reward_features[: len(feats)].to(device), texts, cfg.reward_weight,
+                                    cfg.clip_prompt)
         result = {"val_reward": reward.mean().item()}
     model.train()
     return result, captions
@@ -348,7 +332,7 @@ def evaluate(cfg, stage, model, val, tok, clip, system):
 
 
 def main(cfg):
-    system = setup_system(cfg)
+    system = setup_system(cfg.device, cfg.dtype)
     if cfg.stage not in (0, 1, 2):
         raise SystemExit(f"error: --stage {cfg.stage}; use 1, 2, or 0 (1 then 2)")
     if system.master:

@@ -241,23 +241,27 @@ def stage1_loss(model, features, captions, clip, tok, *, weight, k=2, tau=None, 
 
 def stage2_loss(model, reference, features, clip, tok, *, k=5, reward_weight=2.5, kl_weight=0.1,
                 baseline_kind="mean", prompt=CLIP_PROMPT, temperature=1.0, max_new_tokens=40,
-                generator=None, forward=None, autocast=None):
+                generator=None, forward=None, autocast=None, reward_features=None):
     """
     Stage 2 on B unlabeled images (features only, (B, D)): REINFORCE with the CLIP-S reward of
-    K samples per image + kl_weight * KL to `reference`, the frozen stage-1 Captioner. `clip`
-    must be the CLIP that made the features. Returns (loss, stats).
+    K samples per image + kl_weight * KL to `reference`, the frozen stage-1 Captioner. `clip` is
+    the reward CLIP and reward_features (B, D_r) its embeddings of the same images; by default
+    the reward CLIP is the one that made the features, and reward_features are the features.
+    Returns (loss, stats).
     """
     forward, autocast = forward or model, autocast or nullcontext()
+    reward_features = features if reward_features is None else reward_features  # (B, D_r)
     with torch.no_grad():
         feats_k = features.repeat_interleave(k, dim=0)  # (B*K, D)
         prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
         g = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
         texts = [tok.decode(t) for t in g.tokens.tolist()]
-        reward = clip_reward(clip, feats_k, texts, reward_weight, prompt)  # (B*K,)
+        reward = clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, reward_weight, prompt)  # (B*K,)
         greedy_r = None
         if baseline_kind == "greedy":
             gg = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
-            greedy_r = clip_reward(clip, features, [tok.decode(t) for t in gg.tokens.tolist()], reward_weight, prompt)
+            greedy_r = clip_reward(clip, reward_features, [tok.decode(t) for t in gg.tokens.tolist()],
+                                   reward_weight, prompt)
         base = baseline(reward, k, baseline_kind, greedy_r)  # (B*K,)
         P = reference.prefix_len
         ref_logits = reference(feats_k, g.tokens[:, :-1])[:, P - 1:]  # (B*K, T, V) the stage-1 policy

@@ -9,6 +9,9 @@ The on-disk dataset layout that every source shares: the shapes world, COCO, and
                                        to the split folder, or absolute)
       <split>/features.safetensors     {"features": (N, D) float16}, row i = line i of captions.jsonl,
                                        each image encoded once (ClipCap encoded each one 5 times)
+      <split>/features_*.safetensors   the same images by other CLIPs: the evaluation CLIP's, a
+                                       reward CLIP's (train.py --reward_clip), the compositional
+                                       CLIP's; each file's header names its CLIP (find_features)
 
 An image without captions (`"captions": []`) can only serve as unlabeled data. In train, such
 images come after all captioned ones, and meta["train_captioned"] says how many captioned ones
@@ -23,6 +26,7 @@ import os
 import random
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -105,6 +109,25 @@ def load_features(path):
     return load_file(path)["features"].float()
 
 
+def find_features(data_dir, split, clip, weights):
+    """The path of the split's features made by CLIP (clip, weights), as the header of each
+    <split>/features*.safetensors records them (save_features), or None if there is none. Names
+    match as written; paths relative to the dataset folder match the same file given otherwise."""
+    folder = split_dir(data_dir, split)
+    same = lambda a, b: a == b or (bool(a) and bool(b) and os.path.exists(in_data_dir(data_dir, a))
+                                   and os.path.exists(in_data_dir(data_dir, b))
+                                   and os.path.samefile(in_data_dir(data_dir, a), in_data_dir(data_dir, b)))
+    names = sorted(f for f in os.listdir(folder) if f.startswith("features") and f.endswith(".safetensors")) \
+        if os.path.isdir(folder) else []
+    for name in names:  # features.safetensors first
+        path = os.path.join(folder, name)
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+        if same(header.get("clip"), clip) and same(header.get("clip_weights"), weights):
+            return path
+    return None
+
+
 def split_dir(data_dir, split):
     return os.path.join(data_dir, split)
 
@@ -135,12 +158,14 @@ def labeled_split(n, fraction, seed, n_captioned=None):
 
 
 class Captioned:
-    """Labeled training data: CLIP features and the captions of each image."""
+    """Labeled training data: CLIP features and the captions of each image, and the reward CLIP's
+    features of the same images (the same tensor unless train.py --reward_clip)."""
 
-    def __init__(self, features, captions):
+    def __init__(self, features, captions, reward_features=None):
         assert len(features) == len(captions)
         self.features = features  # (N, D)
         self.captions = captions  # N lists of strings
+        self.reward_features = features if reward_features is None else reward_features  # (N, D_r)
 
     def __len__(self):
         return len(self.features)
@@ -150,8 +175,9 @@ class Unlabeled:
     """Unlabeled images for stage 2: features only. The captions are not even kept, so stage 2
     cannot read them; any attempt raises, which a test uses to prove it."""
 
-    def __init__(self, features):
+    def __init__(self, features, reward_features=None):
         self.features = features  # (N, D)
+        self.reward_features = features if reward_features is None else reward_features  # (N, D_r)
 
     def __len__(self):
         return len(self.features)
@@ -163,12 +189,13 @@ class Unlabeled:
 
 def get_batch(train_set, batch_size, generator, device="cpu"):
     """B distinct images of a Captioned set or an Unlabeled pool, drawn by generator (on `device`):
-    their features (B, D) and one caption of each, drawn uniformly (None for the unlabeled pool)."""
+    their features (B, D) and what the stage's loss scores them with: for a Captioned set one
+    caption of each, drawn uniformly; for the unlabeled pool the reward CLIP's features (B, D_r)."""
     B = min(batch_size, len(train_set))
     pick = torch.randperm(len(train_set), generator=generator, device=device)[:B].cpu()
     feats = train_set.features[pick].to(device)
     if isinstance(train_set, Unlabeled):
-        return feats, None
+        return feats, train_set.reward_features[pick].to(device)
     caps = train_set.captions
     return feats, [caps[i][int(torch.randint(len(caps[i]), (1,), generator=generator, device=device))]
                    for i in pick.tolist()]

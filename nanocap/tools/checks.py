@@ -4,7 +4,7 @@ Checks that turn a user's mistake in train.py's flags into one line that says wh
 A checkpoint continued (stage 2, --resume) must come from this dataset's CLIP features and,
 when resuming, describe the same model; stage 2's unlabeled pool must be the complement of the
 labeled split its stage-1 checkpoint learned from (Jin, arXiv 2306.15111: stage 2 never sees a
-caption of its images); --clip / --clip_weights must name the CLIP that made the features.
+caption of its images); --clip and --reward_clip must name CLIPs whose features the dataset holds.
 """
 
 import os
@@ -53,12 +53,36 @@ def check_split(path, ckpt, split):
                          f"here; pass the --data_dir it was trained on")
 
 
-def check_clip(cfg, clip_info, dataset):
-    """--clip / --clip_weights, when given, must name the CLIP that made the dataset's features."""
-    if ((cfg.clip and not _same(cfg.clip, clip_info["name"]))
-            or (cfg.clip_weights and not _same(cfg.clip_weights, clip_info["weights"]))):
-        name, weights = cfg.clip or clip_info["name"], cfg.clip_weights or clip_info["weights"]
-        raise SystemExit(f"error: the features in {cfg.data_dir} come from CLIP {clip_info['name']} "
-                         f"({clip_info['weights']}), not {name} ({weights}); the captioner must be trained on its own "
-                         f"CLIP's features: run `python data_prep.py --dataset {dataset} --clip {name} --clip_weights "
-                         f"{weights} --data_dir NEW_DIR ...` and train with --data_dir NEW_DIR")
+def resolve_clips(cfg, meta, dataset, reward_images):
+    """(clip, reward): the CLIP whose features feed the mapper, and the CLIP that scores sampled
+    captions (stage 1's contrastive reward, stage 2's CLIP-S; by default the same one). Each is
+    {"name", "weights", "normalized", "features": {split: path}}, with the paths of its train and
+    val image features (the reward CLIP's only when reward_images, as stage 2 needs them). A CLIP
+    whose features the dataset lacks gets one line saying how to write them."""
+    data_dir = cfg.data_dir
+    own = {"name": layout.in_data_dir(data_dir, meta["clip"]), "weights": layout.in_data_dir(data_dir, meta["clip_weights"]),
+           "normalized": meta["features_normalized"]}
+    clip = dict(own, name=cfg.clip or own["name"], weights=cfg.clip_weights or own["weights"])
+    same_model = not cfg.reward_clip or _same(cfg.reward_clip, clip["name"])
+    reward = dict(own, name=cfg.reward_clip or clip["name"],
+                  weights=cfg.reward_clip_weights or (clip["weights"] if same_model else "openai"))
+    for info, splits in ((clip, ("train", "val")), (reward, ("train", "val") if reward_images else ())):
+        is_own = _same(info["name"], own["name"]) and _same(info["weights"], own["weights"])
+        info["features"] = {s: os.path.join(layout.split_dir(data_dir, s), "features.safetensors") if is_own else
+                            layout.find_features(data_dir, s, info["name"], info["weights"]) for s in splits}
+    missing = [s for s, p in clip["features"].items() if p is None]
+    if missing:
+        name, weights = clip["name"], clip["weights"]
+        raise SystemExit(f"error: the features in {data_dir} come from CLIP {own['name']} ({own['weights']}), not "
+                         f"{name} ({weights}); the captioner must be trained on its own CLIP's features: run "
+                         f"`python data_prep.py --dataset {dataset} --clip {name} --clip_weights {weights} --data_dir "
+                         f"NEW_DIR ...` and train with --data_dir NEW_DIR")
+    missing = [s for s, p in reward["features"].items() if p is None]
+    if missing:
+        how = ("the shapes world writes them for its compositional CLIP: `python data_prep.py --compositional`"
+               if dataset == "shapes" else
+               f"`python data_prep.py --dataset {dataset} ... --data_dir {data_dir} --reward_clip {reward['name']} "
+               f"--reward_clip_weights {reward['weights']}` (it reuses the feature shards)")
+        raise SystemExit(f"error: stage 2 scores captions with reward CLIP {reward['name']} ({reward['weights']}) "
+                         f"against its own image features, and {data_dir}/{missing[0]} has none; {how}")
+    return clip, reward

@@ -1,14 +1,17 @@
 """
-Small helpers that training needs and that would only clutter train.py: the device, the AdamW
-parameter groups (one weight-decay rule for the captioner and the toy CLIPs and GPT), the
-learning-rate schedule, and the training log with its plot.
+Small helpers that training needs and that would only clutter train.py: the device (and the DDP
+process group), the AdamW parameter groups (one weight-decay rule for the captioner and the toy
+CLIPs and GPT), the learning-rate schedule, and the training log with its plot.
 """
 
 import json
 import math
 import os
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from nanocap.data.layout import write_jsonl
@@ -29,6 +32,35 @@ def pick_device(name="auto", local_rank=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+@dataclass
+class System:
+    """Where this process runs: one process, or one rank of DDP under torchrun."""
+    ddp: bool
+    rank: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+
+def setup_system(device="auto", dtype="auto"):
+    """The System of this process: under torchrun (RANK set) it joins the DDP process group, nccl
+    on CUDA, gloo on CPU. dtype auto: bfloat16 autocast on CUDA, float32 elsewhere."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = int(os.environ["RANK"]) if ddp else 0
+    device = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)) if ddp else None)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return System(ddp, rank, device, dtype)
 
 
 def param_groups(model, weight_decay):

@@ -84,6 +84,9 @@ class RealConfig(Config):
     clip_weights: str = field(default="openai", metadata={"help": "open_clip tag or weights file"})
     eval_clip: str = field(default="", metadata={"help": "CLIP that scores captions in sample.py --eval ('' = --clip)"})
     eval_clip_weights: str = field(default="", metadata={"help": "its tag or file ('' = --clip_weights, or openai)"})
+    reward_clip: str = field(default="", metadata={"help": "also encode train and val with this CLIP, for "
+                                                           "train.py --reward_clip ('' = none)"})
+    reward_clip_weights: str = field(default="", metadata={"help": "its tag or file ('' = openai)"})
     gpt: str = field(default="gpt2", metadata={"help": "GPT train.py starts from: gpt2, a HF folder, or none"})
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"], metadata={"help": "splits to write"})
     max_images: int = field(default=0, metadata={"help": "at most this many images per split, for a trial (0: all)"})
@@ -250,6 +253,7 @@ def main(argv=None):
     if dataset != "shapes":  # a second judge defaults to the CLIP itself
         cfg.eval_clip = cfg.eval_clip or cfg.clip
         cfg.eval_clip_weights = cfg.eval_clip_weights or (cfg.clip_weights if cfg.eval_clip == cfg.clip else "openai")
+        cfg.reward_clip_weights = cfg.reward_clip_weights or ("openai" if cfg.reward_clip else "")
     print_config(cfg)
     if cfg.grid:
         draw_examples(cfg)

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -194,3 +195,39 @@ def test_train_refuses_a_clip_other_than_the_features(tmp_path, coco_dir):
     r = cli("train.py", "--stage", "1", "--data_dir", coco_dir, "--out_dir", tmp_path / "out", "--clip", "ViT-B-16")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(error_lines(r)) == 1 and "data_prep.py --dataset coco --clip ViT-B-16" in error_lines(r)[0]
+
+
+def test_coco_reward_clip_of_another_architecture(tmp_path, coco_dir, models, fake_coco, monkeypatch):
+    """ViT-B-32 features feed the mapper; a ViT-S-32 (width 384, its own random weights in a local
+    file) scores the captions. data_prep adds its features to a dataset, reusing the B-32 shards."""
+    import open_clip
+    torch.manual_seed(1)
+    small = open_clip.create_model("ViT-S-32").eval()
+    save_file({k: v.half() for k, v in small.state_dict().items()}, str(tmp_path / "vits32.safetensors"))
+    data_dir = tmp_path / "coco"
+    shutil.copytree(coco_dir, data_dir)
+    common = dict(data_dir=str(data_dir), out_dir=str(tmp_path / "out"), eval_interval=1000, max_new_tokens=6,
+                  labeled_fraction=0.5, reward_clip="ViT-S-32", reward_clip_weights=str(tmp_path / "vits32.safetensors"))
+    with pytest.raises(SystemExit, match=r"--dataset coco .* --reward_clip ViT-S-32 .*reuses the feature shards"):
+        train.main(train.Config(stage=2, **common))  # the features come first, in one line
+    prep_coco(data_dir, models, fake_coco, "--num_workers", "0", "--reward_clip", "ViT-S-32",
+              "--reward_clip_weights", str(tmp_path / "vits32.safetensors"))
+    for split, n in (("train", 4), ("val", 2)):
+        feats = load_file(data_dir / split / "features_reward.safetensors")["features"]
+        assert feats.shape == (n, 384)  # the reward CLIP's own embedding width, not B-32's 512
+    assert not (data_dir / "test" / "features_reward.safetensors").exists()  # the test split is the judge's
+    assert torch.equal(load_file(data_dir / "train" / "features.safetensors")["features"],
+                       load_file(coco_dir / "train" / "features.safetensors")["features"])
+    seen = {}
+    stage2_loss = train.losses.stage2_loss
+    def spy(model, reference, features, clip, tok, **kw):  # what stage 2 scores its samples with
+        seen.update(features=features.shape, reward=kw["reward_features"].shape, clip=clip.embed_dim)
+        return stage2_loss(model, reference, features, clip, tok, **kw)
+    monkeypatch.setattr(train.losses, "stage2_loss", spy)
+    train.main(train.Config(stage=0, batch_size=2, max_iters=1, stage2_iters=1, stage2_batch_size=2,
+                            samples_per_image=2, **common))
+    assert seen == {"features": (2, 512), "reward": (2, 384), "clip": 384}
+    for stage in (1, 2):
+        ckpt = read_checkpoint(data_dir.parent / "out" / f"stage{stage}.pt")
+        assert ckpt["clip"]["name"] == "ViT-B-32-quickgelu" and ckpt["clip"]["weights"] == models["clip"]
+        assert ckpt["reward_clip"] == {"name": "ViT-S-32", "weights": str(tmp_path / "vits32.safetensors")}

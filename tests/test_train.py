@@ -100,6 +100,12 @@ def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_
         assert key in last_step
     with pytest.raises(RuntimeError, match="never read"):
         layout.Unlabeled(torch.zeros(2, 4)).captions
+    # a reward CLIP's features travel with the pool: each drawn row is the same image in both
+    feats, reward = torch.arange(10.0)[:, None].repeat(1, 4), torch.arange(10.0)[:, None].repeat(1, 3) + 100
+    f, r = layout.get_batch(layout.Unlabeled(feats, reward), 5, torch.Generator().manual_seed(0))
+    assert f.shape == (5, 4) and r.shape == (5, 3) and torch.equal(r[:, 0], f[:, 0] + 100)
+    f, r = layout.get_batch(layout.Unlabeled(feats), 5, torch.Generator().manual_seed(0))
+    assert torch.equal(f, r)  # by default the reward CLIP is the feature CLIP
 
 
 def test_no_stage_runs_stage_1_then_stage_2_as_two_runs_do(tmp_path, tiny_shapes, capsys):

@@ -28,6 +28,8 @@ Per split, under data_dir/<split>/:
     features.safetensors               (N, D) float16: the shards, unreadable rows dropped
     features_eval.safetensors          val, test: (N, D') from the evaluation CLIP (its own shards
                                        when it differs from the captioner's CLIP, else a copy)
+    features_reward.safetensors        train, val, with --reward_clip: (N, D'') from the CLIP that
+                                       scores sampled captions in train.py (its own shards)
     skipped.txt                        the unreadable images, one "path: reason" a line
     captions.jsonl                     written last: its presence means the split is complete
 """
@@ -140,13 +142,17 @@ def encode_sharded(clip, paths, folder, cfg, desc):
     return torch.cat(chunks), bad
 
 
-def write_split(cfg, split, records, clip, eval_clip):
+def write_split(cfg, split, records, clip, eval_clip, reward_clip=None):
     """Encode the images of `records` ({"image": absolute path, "captions": [...], ...} each) and write
     the split's files, unreadable images dropped everywhere. Returns (records kept, skipped count)."""
     folder = layout.split_dir(cfg.data_dir, split)
     os.makedirs(folder, exist_ok=True)
     index = os.path.join(folder, "captions.jsonl")
     clips = [clip] + ([eval_clip] if split in ("val", "test") else [])
+    others = {"eval": eval_clip} if split in ("val", "test") else {}  # the other CLIPs' features: {role: CLIP}
+    if reward_clip is not None and split in ("train", "val"):
+        others["reward"] = reward_clip
+        clips.append(reward_clip)
     source = _digest([c.id for c in clips] + [json.dumps(r) for r in records])
     if os.path.exists(index) and _header(os.path.join(folder, "features.safetensors")).get("source") == source:
         kept = layout.read_jsonl(index)
@@ -156,13 +162,13 @@ def write_split(cfg, split, records, clip, eval_clip):
         os.remove(index)  # the split is incomplete until the new captions.jsonl is written
     paths = [r["image"] for r in records]
     feats, bad = encode_sharded(clip, paths, os.path.join(folder, "shards"), cfg, f"encode {split}")
-    eval_feats = None
-    if len(clips) == 2:
-        eval_feats, eval_bad = feats, {}
-        if eval_clip.id != clip.id:
-            eval_feats, eval_bad = encode_sharded(eval_clip, paths, os.path.join(folder, "shards_eval"), cfg,
-                                                  f"encode {split} (eval CLIP)")
-        bad.update(eval_bad)
+    other_feats = {}
+    for role, other in others.items():  # the same images by another CLIP; one that is the captioner's: a copy
+        other_feats[role], other_bad = feats, {}
+        if other.id != clip.id:
+            other_feats[role], other_bad = encode_sharded(other, paths, os.path.join(folder, f"shards_{role}"), cfg,
+                                                          f"encode {split} ({role} CLIP)")
+        bad.update(other_bad)
     keep = [i for i in range(len(records)) if i not in bad]
     if not keep:
         raise SystemExit(f"error: none of the {len(records)} {split} images could be read, e.g. {bad[min(bad)]}")
@@ -173,9 +179,9 @@ def write_split(cfg, split, records, clip, eval_clip):
     layout.atomic_write_bytes(os.path.join(folder, "skipped.txt"), "".join(f"{bad[i]}\n" for i in sorted(bad)).encode())
     layout.save_features(os.path.join(folder, "features.safetensors"), feats[keep], clip=clip.name,
                        clip_weights=clip.weights, normalized=True, source=source)
-    if eval_feats is not None:
-        layout.save_features(os.path.join(folder, "features_eval.safetensors"), eval_feats[keep], clip=eval_clip.name,
-                           clip_weights=eval_clip.weights, normalized=True)
+    for role, other in others.items():
+        layout.save_features(os.path.join(folder, f"features_{role}.safetensors"), other_feats[role][keep],
+                             clip=other.name, clip_weights=other.weights, normalized=True)
     kept = [records[i] for i in keep]
     layout.write_jsonl(index, kept)  # last: its presence means the split is complete
     print(f"{split}: {len(kept)} images" + (f", {len(bad)} unreadable skipped (listed in {folder}/skipped.txt)" if bad else ""))
@@ -279,6 +285,10 @@ def prepare(cfg):
     eval_clip = LazyCLIP(_abs_if_path(cfg.eval_clip), _abs_if_path(cfg.eval_clip_weights), device)
     if eval_clip.id == clip.id:
         eval_clip = clip  # one model, loaded once
+    reward_clip = None  # by default the captioner's CLIP scores its captions: no features to add
+    if cfg.reward_clip:
+        reward_clip = LazyCLIP(_abs_if_path(cfg.reward_clip), _abs_if_path(cfg.reward_clip_weights), device)
+        reward_clip = None if reward_clip.id == clip.id else eval_clip if reward_clip.id == eval_clip.id else reward_clip
     counts, skipped = dict(old.get("splits", {})), dict(old.get("skipped", {}))
     meta = dict(old)
     for split in cfg.splits:
@@ -286,7 +296,7 @@ def prepare(cfg):
         if not rows:
             raise SystemExit(f"error: no {split} images in {cfg.karpathy_json if cfg.dataset == 'coco' else cfg.captions}")
         rows.sort(key=lambda r: not r["captions"])  # stable: captioned images first, then the unlabeled pool
-        kept, skipped[split] = write_split(cfg, split, rows, clip, eval_clip)
+        kept, skipped[split] = write_split(cfg, split, rows, clip, eval_clip, reward_clip)
         counts[split] = len(kept)
         if split == "train":
             meta["train_captioned"] = sum(1 for r in kept if r["captions"])
@@ -297,3 +307,6 @@ def prepare(cfg):
     print(f"\n{cfg.dataset} in {cfg.data_dir}: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " images"
           + (f" (train: {meta['train_captioned']:,} captioned)" if "train_captioned" in meta else "")
           + f"; CLIP {clip_name} ({clip_weights}); {time.time() - t0:.0f} s")
+    if reward_clip is not None:
+        print(f"reward CLIP features written for train and val: train with --reward_clip {reward_clip.name} "
+              f"--reward_clip_weights {reward_clip.weights}")

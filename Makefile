@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo results results-seed results-score results-long results-table notebooks clean
+.PHONY: install test demo results results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table notebooks clean
 
 install: $(VENV)/.installed
 
@@ -75,12 +75,36 @@ results-long: install
 	    --seed $(SEED) --out_dir $(RUN)/shapes_full_2400
 	$(EVAL) --ckpt $(RUN)/shapes_full_2400/stage1.pt --out_json results/c_full_2400.seed$(SEED).json
 
+# the reward's blind spots (README): features from the bag-of-words (bow) or the compositional
+# (comp) CLIP, times the reward from either; bow x bow is rows (a) and (b). Needs data_prep.py --compositional.
+results-2x2: install
+	test -f data/shapes/models/clip_comp.safetensors || HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) data_prep.py --compositional
+	$(TRAIN) --config configs/shapes_comp_features.json --seed $(SEED) --out_dir $(RUN)/shapes_comp_features
+	$(TRAIN) --config configs/shapes_comp_reward.json --seed $(SEED) --out_dir $(RUN)/shapes_comp_reward
+	$(TRAIN) --config configs/shapes_comp.json --seed $(SEED) --out_dir $(RUN)/shapes_comp
+	$(TRAIN) --stage 1 --config configs/shapes_comp_full.json --seed $(SEED) --out_dir $(RUN)/shapes_comp_full
+	$(MAKE) results-2x2-score SEED=$(SEED)
+
+results-2x2-score: install
+	for run in comp_features comp_reward comp; do for s in 1 2; do \
+	    $(EVAL) --ckpt $(RUN)/shapes_$$run/stage$$s.pt --out_json results/2x2_$${run}_stage$$s.seed$(SEED).json || exit 1; \
+	done; done
+	$(EVAL) --ckpt $(RUN)/shapes_comp_full/stage1.pt --out_json results/2x2_comp_full.seed$(SEED).json
+
+results-2x2-table: install
+	$(PY) sample.py --table results/a_stage1_2pct.seed*.json results/b_stage2.seed*.json \
+	    results/2x2_comp_features_stage1.seed*.json results/2x2_comp_features_stage2.seed*.json \
+	    results/2x2_comp_reward_stage1.seed*.json results/2x2_comp_reward_stage2.seed*.json \
+	    results/2x2_comp_stage1.seed*.json results/2x2_comp_stage2.seed*.json \
+	    results/c_full.seed*.json results/2x2_comp_full.seed*.json
+
 results-table: install
 	$(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt --out_json results/e_references.json
 	$(PY) sample.py --table results/a_stage1_2pct.seed*.json results/b_stage2.seed*.json results/c_full.seed*.json \
 	    results/c_full_2400.seed*.json results/d_clipcap.seed*.json results/e_references.json \
 	    results/a_stage1_2pct_last.seed*.json results/d_clipcap_last.seed*.json
 	$(PY) sample.py --claims results
+	$(PY) sample.py --claims results --claims_full c_full_2400
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 6 --grid assets/examples.png --ckpts \
 	    out/results/seed1337/shapes/stage1.pt out/results/seed1337/shapes/stage2.pt out/results/seed1337/shapes_full/stage1.pt
 

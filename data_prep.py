@@ -17,9 +17,11 @@ unlabeled images, and reference captions whose informativeness varies. It writes
     web/, train/, val/, test/     images/*.png + captions.jsonl (with each image's scene)
     models/clip_reward.{json,safetensors}   the CLIP that embeds images and gives the reward
     models/clip_eval.{json,safetensors}     a second CLIP (other seed and width) that judges
+    models/clip_comp.{json,safetensors}     with --compositional: a CLIP trained against near misses
     models/gpt/                   the toy GPT in Hugging Face GPT-2 format (+ nanocap_vocab.json)
     <split>/features.safetensors  reward-CLIP image features, each image encoded once
     <split>/features_eval.safetensors   eval-CLIP features (val, test)
+    <split>/features_comp.safetensors   with --compositional: its features (train, val, test)
     meta.json, summary.json       what the captioner needs to know, and the figures printed at the end
 
 Each step is skipped when its output exists, so a second run reuses everything.
@@ -75,6 +77,13 @@ class ShapesConfig(Config):
     small_models: bool = field(default=False, metadata={"help": "smaller CLIPs and GPT (pretrain.SMALL_*): "
                                                                  "a world in minutes, as the notebooks use"})
     lm_steps: int = field(default=600, metadata={"help": "toy GPT training steps"})
+    compositional: bool = field(default=False, metadata={"help": "also pretrain a compositional CLIP (ViT tower, "
+                                                                 "hard negatives) and write its features"})
+    comp_clip_steps: int = field(default=460, metadata={"help": "compositional CLIP training steps (batch 256)"})
+    hard_negatives: float = field(default=0.5, metadata={"help": "compositional CLIP: share of images that take "
+                                                                 "a minimal pair (a caption and its near miss)"})
+    hard_negative_kinds: list[str] = field(default_factory=lambda: list(pretrain.HARD_NEGATIVES),
+                                           metadata={"help": "the near misses: relation, binding, colour, shape, size"})
 
 
 @dataclass
@@ -164,15 +173,22 @@ def prepare_shapes(cfg):
     reward_cfg, eval_cfg, lm_cfg = ((pretrain.SMALL_REWARD_CLIP_CFG, pretrain.SMALL_EVAL_CLIP_CFG, pretrain.SMALL_LM_CFG)
                                     if cfg.small_models else
                                     (pretrain.REWARD_CLIP_CFG, pretrain.EVAL_CLIP_CFG, pretrain.LM_CFG))
-    clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed), "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1)}
+    clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed, 0.0), "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1, 0.0)}
+    if cfg.compositional:  # the reward CLIP's data and seed; another tower, and near misses among the texts
+        clips["comp"] = (pretrain.COMP_CLIP_CFG, cfg.comp_clip_steps, cfg.seed, cfg.hard_negatives)
+        if not set(cfg.hard_negative_kinds) <= set(pretrain.CORRUPTIONS):
+            raise SystemExit(f"error: --hard_negative_kinds {' '.join(cfg.hard_negative_kinds)}: use some of "
+                             f"{' '.join(pretrain.CORRUPTIONS)}")
     web = None
-    for role, (clip_cfg, steps, seed) in clips.items():
+    for role, (clip_cfg, steps, seed, hard) in clips.items():
         json_path, weights = os.path.join(models, f"clip_{role}.json"), os.path.join(models, f"clip_{role}.safetensors")
         if not os.path.exists(weights):
             web = web or load_split(cfg, "web")
             print(f"pretraining the {role} CLIP on {len(web[0])} web images ({steps} steps)")
             model = pretrain.train_clip(clip_cfg, web[1], [r["captions"] for r in web[0]], steps,
-                                        batch_size=cfg.clip_batch_size, lr=cfg.clip_lr, seed=seed)
+                                        batch_size=cfg.clip_batch_size, lr=cfg.clip_lr, seed=seed,
+                                        scenes=[r["scene"] for r in web[0]], hard_negatives=hard,
+                                        corruptions=tuple(cfg.hard_negative_kinds))
             pretrain.save_clip(model, clip_cfg, json_path, weights)
 
     gpt_dir = os.path.join(models, "gpt")
@@ -186,17 +202,21 @@ def prepare_shapes(cfg):
         pretrain.save_lm(lm, tok, gpt_dir)
 
     encoders = {}
-    for role in ("reward", "eval"):
+    for role in clips:
         encoders[role] = CLIPEncoder(os.path.join(models, f"clip_{role}.json"), os.path.join(models, f"clip_{role}.safetensors"))
     for split in ("train", "val", "test"):
         write_features(cfg, split, encoders["reward"], "features.safetensors", "models/clip_reward.json", "models/clip_reward.safetensors")
     for split in ("val", "test"):
         write_features(cfg, split, encoders["eval"], "features_eval.safetensors", "models/clip_eval.json", "models/clip_eval.safetensors")
+    for split in ("train", "val", "test") if cfg.compositional else ():
+        write_features(cfg, split, encoders["comp"], "features_comp.safetensors", "models/clip_comp.json", "models/clip_comp.safetensors")
 
     meta = dict(dataset="shapes", seed=cfg.seed, splits=sizes,
                 clip="models/clip_reward.json", clip_weights="models/clip_reward.safetensors",
                 eval_clip="models/clip_eval.json", eval_clip_weights="models/clip_eval.safetensors",
                 gpt="models/gpt", features_normalized=True)
+    if os.path.exists(os.path.join(models, "clip_comp.safetensors")):  # for train.py --clip or --reward_clip
+        meta.update(comp_clip="models/clip_comp.json", comp_clip_weights="models/clip_comp.safetensors")
     layout.write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
     summarize(cfg, encoders, gpt_dir, t0)
 

@@ -8,10 +8,19 @@ Caption images with a trained nanocap checkpoint, or caption a whole split and s
     python sample.py --split test --compare 8            # stage-1 and stage-2 captions side by side
     python sample.py --table results/*.json              # score files as one table (mean ± std over seeds)
     python sample.py --claims results                    # the paper's claims, seed by seed
+    python sample.py --claims results --claims_full c_full_2400   # against full supervision at 4x the steps
 
 The checkpoint names its CLIP (model and weights), whether the features are normalized, and
 its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage in --out_dir.
-Evaluation scores with the dataset's *evaluation* CLIP, never the reward CLIP stage 2 optimized.
+
+Which CLIP judges: CLIP-S, RefCLIP-S and R@k come from the dataset's evaluation CLIP (meta.json's
+eval_clip). In the shapes world that is a second toy CLIP, of another seed and width, but trained
+on the same web data with the same recipe as the reward CLIP, so it shares its blind spots
+(relations, which colour goes with which shape). On COCO it is by default the captioner's own
+CLIP, ViT-B/32, as papers report CLIP-S, and so the very CLIP whose score stage 2 maximised;
+data_prep.py --eval_clip names an independent judge (the README's COCO recipe uses ViT-L/14).
+When the judge is not the checkpoint's reward CLIP, "reward CLIP-S" and "reward R@1" are scored
+by the reward CLIP too, where the dataset holds its test features: the score that was optimized.
 """
 
 import os
@@ -26,7 +35,7 @@ from nanocap.data import grammar, layout, shapes
 from nanocap.data.images import ImageError, find_images, load_image
 from nanocap.decode import LENGTH_PENALTY, generate
 from nanocap.tokenizer import get_tokenizer
-from nanocap.tools import report
+from nanocap.tools import checks, report
 from nanocap.tools.cli import parse_config
 from nanocap.tools.training import pick_device
 
@@ -59,6 +68,8 @@ class Config:
     table: list[str] = field(default_factory=list, metadata={"help": "print score files as one markdown table; "
                                                                      "name.seedN.json files make one row, mean ± std"})
     claims: str = field(default="", metadata={"help": "a results folder: check the paper's claims seed by seed"})
+    claims_full: str = field(default="c_full", metadata={"help": "with --claims: the full-supervision row (c) "
+                                                                 "to compare with, e.g. c_full_2400"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -144,6 +155,17 @@ def evaluate_split(cfg, model, ckpt, tok, device):
                                        scenes=scenes, attribute_scorer=shapes.attribute_scores if scenes else None,
                                        fluent=grammar.fluent if scenes else None,
                                        spice=cfg.spice)
+    reward = ckpt.get("reward_clip") or ckpt["clip"]  # before --reward_clip, the feature CLIP scored the samples
+    judge = (in_data(meta["eval_clip"]), in_data(meta["eval_clip_weights"]))
+    reward_feats = layout.find_features(data_dir, cfg.split, reward["name"], reward["weights"])
+    if checks.same(judge[0], reward["name"]) and checks.same(judge[1], reward["weights"]):
+        print(f"judged by {judge[0]} ({judge[1]}), the reward CLIP: CLIP-S measures the score that was optimized")
+    elif reward_feats and not cfg.references:
+        print(f"judged by {judge[0]} ({judge[1]}); reward CLIP-S and R@1 by the reward CLIP, {reward['name']}")
+        reward_clip = CLIPEncoder(reward["name"], reward["weights"], device=device)
+        feats = layout.load_features(reward_feats)
+        scores["reward CLIP-S"] = metrics.clip_scores(reward_clip, feats, candidates, references)["CLIP-S"]
+        scores["reward R@1"] = metrics.retrieval(reward_clip, feats, candidates, ks=(1,))["R@1"]
     print(metrics.format_table(scores))
     if cfg.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out_json)), exist_ok=True)
@@ -191,9 +213,10 @@ def compare_checkpoints(cfg, device):
 def main(cfg):
     if cfg.table or cfg.claims:
         try:
-            print("\n".join(report.score_table(cfg.table) if cfg.table else report.claims(cfg.claims)))
+            lines = report.score_table(cfg.table) if cfg.table else report.claims(cfg.claims, full=cfg.claims_full)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+        print("\n".join(lines))
         return 0
     if not cfg.image and not cfg.split:
         raise SystemExit("error: nothing to caption; pass --image FILE_OR_FOLDER ... or --split test --eval")

@@ -94,18 +94,21 @@ def caption_loss(logits, tokens, prefix_len):
 # contrastive
 
 
-def info_nce(a, b, logit_scale):
+def info_nce(a, b, logit_scale, b_negatives=None):
     """
     Symmetric InfoNCE, CLIP's own loss, over paired normalized embeddings a, b: (N, D).
     Used to pretrain the shapes world's toy CLIPs (data/pretrain.py), not by the captioner.
 
         logits = logit_scale * a @ b^T                  (N, N)
         loss = 1/2 [ CE(logits, arange(N)) + CE(logits^T, arange(N)) ]
-    logit_scale = 1 / temperature (float or tensor).
+    logit_scale = 1 / temperature (float or tensor). b_negatives (M, D), NegCLIP's hard negatives
+    (Yuksekgonul et al., ICLR 2023): extra texts that join the text side of the a -> b term only,
+    so each image must rank its caption above them too; they have no image of their own.
     """
     logits = logit_scale * a @ b.T  # (N, N)
     labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    a_to_b = logits if b_negatives is None else torch.cat([logits, logit_scale * a @ b_negatives.T], dim=1)  # (N, N+M)
+    return 0.5 * (F.cross_entropy(a_to_b, labels) + F.cross_entropy(logits.T, labels))
 
 
 @torch.no_grad()

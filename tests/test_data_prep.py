@@ -43,3 +43,39 @@ def test_each_dataset_has_its_own_flags():
     assert "--dataset coco -h" in shapes  # says where the other flags are
     r = cli("data_prep.py", "--clip", "ViT-B-32")  # not a shapes-world flag: refused before any work
     assert r.returncode != 0 and "unrecognized arguments: --clip" in r.stderr
+
+
+def test_compositional_clip_its_features_and_a_cell_of_the_2x2(tiny_shapes, tmp_path, capsys):
+    """--compositional adds a third CLIP and its features to a world; train.py can take its features
+    (--clip) while the bag-of-words CLIP scores the captions (--reward_clip), and sample.py finds
+    the test features of the CLIP the checkpoint names."""
+    import shutil
+
+    import sample
+    import train
+    from nanocap.captioner import read_checkpoint
+    from nanocap.tools.cli import parse_config
+
+    world = str(tmp_path / "shapes")
+    shutil.copytree(tiny_shapes, world)
+    data_prep.prepare_shapes(data_prep.ShapesConfig(data_dir=world, n_web=128, n_train=120, n_val=16, n_test=16,
+                                                    clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7,
+                                                    compositional=True, comp_clip_steps=2))
+    meta = layout.read_json(os.path.join(world, "meta.json"))
+    assert meta["comp_clip"] == "models/clip_comp.json" and meta["clip"] == "models/clip_reward.json"
+    assert json.load(open(os.path.join(world, "models", "clip_comp.json")))["vision_cfg"]["patch_size"] == 8
+    assert set(json.load(open(os.path.join(world, "summary.json")))["clip"]) == {"reward", "eval", "comp"}
+    comp = [os.path.join(world, "models", "clip_comp" + ext) for ext in (".json", ".safetensors")]
+    for split in ("train", "val", "test"):
+        assert layout.find_features(world, split, *comp) == os.path.join(world, split, "features_comp.safetensors")
+    bow = [os.path.join(world, "models", "clip_reward" + ext) for ext in (".json", ".safetensors")]
+    out = str(tmp_path / "out")
+    train.main(train.Config(data_dir=world, out_dir=out, clip=comp[0], clip_weights=comp[1], reward_clip=bow[0],
+                            reward_clip_weights=bow[1], max_iters=2, batch_size=4, stage2_iters=1,
+                            stage2_batch_size=4, samples_per_image=2, eval_interval=1000, max_new_tokens=8))
+    ckpt = read_checkpoint(os.path.join(out, "stage2.pt"))
+    assert ckpt["clip"]["name"] == comp[0] and ckpt["reward_clip"] == {"name": bow[0], "weights": bow[1]}
+    capsys.readouterr()
+    assert sample.main(parse_config(sample.Config, ["--out_dir", out, "--split", "test", "--eval",
+                                                    "--max_new_tokens", "8", "--spice", "false"])) == 0
+    assert "fluency" in capsys.readouterr().out

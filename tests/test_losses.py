@@ -69,6 +69,19 @@ def test_info_nce_matches_open_clip(scale):
     torch.testing.assert_close(info_nce(a, b, scale), ref, atol=1e-6, rtol=0)
 
 
+def test_info_nce_hard_negatives_join_the_image_to_text_side_only():
+    torch.manual_seed(0)
+    a, b, neg = (F.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 3))
+    labels = torch.arange(4)
+    logits = 10 * a @ b.T  # (4, 4)
+    expected = 0.5 * (F.cross_entropy(torch.cat([logits, 10 * a @ neg.T], dim=1), labels)
+                      + F.cross_entropy(logits.T, labels))  # negatives have no image: not in text -> image
+    assert torch.allclose(info_nce(a, b, 10, b_negatives=neg), expected)
+    assert info_nce(a, b, 10, b_negatives=neg) > info_nce(a, b, 10)  # a near miss can only add loss
+    # a near miss as close to the images as a true caption costs more than one far from them
+    assert info_nce(a, b, 10, b_negatives=b[:1]) > info_nce(a, b, 10, b_negatives=-b[:1])
+
+
 def test_contrastive_reward_direct():
     gen, gt, tau = normed(5, 8, seed=3), normed(5, 8, seed=4), 0.07
     r = contrastive_reward(gen, gt, tau)

@@ -99,6 +99,25 @@ def test_clip_training_is_deterministic(data):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_hard_negatives_are_minimal_pairs_on_the_text_side(data, monkeypatch):
+    scenes, images, captions = data
+    seen = []
+    def spy(a, b, scale, b_negatives=None):
+        seen.append((len(a), len(b), None if b_negatives is None else len(b_negatives)))
+        return info_nce(a, b, scale, b_negatives)
+    monkeypatch.setattr(pretrain, "info_nce", spy)
+    calls = []
+    corrupt = shapes.corrupt
+    monkeypatch.setattr(shapes, "corrupt", lambda s, rng, what: calls.append(what) or corrupt(s, rng, what))
+    pretrain.train_clip(CFG, images, captions, steps=1, batch_size=32, seed=0, progress=False,
+                        scenes=scenes, hard_negatives=1.0, corruptions=("relation",))
+    several = sum(len(s["objects"]) > 1 for s in scenes)  # the one-object scenes have no relation to reverse
+    assert calls == ["relation"] * 32 and seen[0][:2] == (32, 32) and 0 < seen[0][2] <= min(32, several)
+    seen.clear()
+    pretrain.train_clip(CFG, images, captions, steps=1, batch_size=32, seed=0, progress=False)
+    assert seen == [(32, 32, None)]  # by default no near misses: the reward CLIP's recipe is unchanged
+
+
 def test_clip_report(tiny_clip):
     scenes, images, _ = make_data(40, seed=1)
     report = pretrain.clip_report(tiny_clip[1], images, scenes, seed=0)

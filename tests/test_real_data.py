@@ -107,7 +107,7 @@ def test_coco_layout_meta_and_skipped_image(coco_dir, models):
         assert torch.equal(a, b) and len(a) == 2
 
 
-def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models):
+def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models, capsys):
     out = tmp_path / "out"
     common = dict(data_dir=str(coco_dir), out_dir=str(out), eval_interval=1000, log_interval=1, max_new_tokens=8,
                   labeled_fraction=0.5)  # both stages: stage 2's pool is the half stage 1 did not see captioned
@@ -120,7 +120,9 @@ def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models):
     assert len([r for r in log if r.get("stage") == 2 and "reward" in r]) == 2
     res = tmp_path / "res" / "test.json"
     argv = ["--out_dir", str(out), "--split", "test", "--eval", "--out_json", str(res), "--max_new_tokens", "8"]
+    capsys.readouterr()
     assert sample.main(parse_config(sample.Config, argv)) == 0
+    assert "the reward CLIP: CLIP-S measures the score that was optimized" in capsys.readouterr().out  # COCO's default
     scores = json.loads(res.read_text())
     keys = ["BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1"] + ["METEOR"] * metrics.java_available()
     assert all(k in scores for k in keys), sorted(scores)

@@ -50,6 +50,11 @@ def test_claims_are_checked_and_counted_seed_by_seed(tmp_path):
     assert lines[6].endswith("the drop is larger than the spread") and statistics.stdev(drop) == 0
     write(tmp_path / "b_stage2.seed3.json", **scores(143, 176, 30, 84.0))  # one seed gains: within the spread
     assert report.claims(str(tmp_path))[6].endswith("the drop is within the spread")
+    write(tmp_path / "c_full_2400.seed2.json", **scores(130, 165, 30, 81))  # another (c): (c') at 4x the steps
+    longer = report.claims(str(tmp_path), full="c_full_2400")
+    assert longer[0].startswith("seed 2: CIDEr(b) >= 0.9 x CIDEr(c): yes (140.0 vs 117.0)")
+    assert longer[1:4] == [f"{m}: held in 1 of 1 seeds" for m in
+                           ("CIDEr(b) >= 0.9 x CIDEr(c)", "CLIP-S(b) > CLIP-S(c)", "R@1(b) > R@1(c)")]
 
 
 def test_claims_without_score_files_fail_in_one_line(tmp_path, capsys):

@@ -48,8 +48,10 @@ def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
     assert r.returncode == 0, r.stderr[-2000:]
     scores = json.loads(out.read_text())
     for key in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "R@5", "R@10",
-                "attr_precision", "attr_recall"):
+                "no_claim", "attr_recall", "fluency", "reward CLIP-S", "reward R@1"):
         assert key in scores
+    # the shapes world's judge is the evaluation CLIP; the reward CLIP's own score is kept apart
+    assert "judged by" in r.stdout and "reward CLIP-S and R@1 by the reward CLIP" in r.stdout
     captions = json.loads((tmp_path / "res" / "test.captions.json").read_text())
     assert set(captions[0]) == {"image_id", "caption"} and len(captions) == 16
 

@@ -71,6 +71,15 @@ SMALL_EVAL_CLIP_CFG = {
 }
 SMALL_LM_CFG = {"block_size": 96, "n_layer": 2, "n_head": 2, "n_embd": 64}
 
+# the compositional CLIP (data_prep.py --compositional): a ViT image tower on 8-pixel patches keeps
+# an 8x8 grid of positions, where the ResNet pools a 2x2 map; trained with hard negatives
+COMP_CLIP_CFG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
+HARD_NEGATIVES = ("relation", "binding")  # the near misses the compositional CLIP is trained against
+
 PROMPT_PROB = 0.5  # training captions carry the prompt half of the time, so CLIP-S's texts are familiar
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)  # open_clip's default normalisation
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD)
@@ -138,13 +147,18 @@ def encode_text(model, tokens, chunks=4):
     return torch.cat(parts)[order.argsort()]  # back in the batch's order
 
 
-def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, progress=True):
+def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, progress=True,
+               scenes=None, hard_negatives=0.0, corruptions=HARD_NEGATIVES):
     """Train a CLIP from scratch with symmetric InfoNCE (Radford et al. 2021).
 
-    cfg: an open_clip model config (REWARD_CLIP_CFG, EVAL_CLIP_CFG).
+    cfg: an open_clip model config (REWARD_CLIP_CFG, EVAL_CLIP_CFG, COMP_CLIP_CFG).
     images: (N, 64, 64, 3) uint8. captions: N lists of reference captions.
     Each step takes batch_size images (each epoch a permutation) and one of each image's
     captions drawn uniformly, prompted as CLIP-S prompts it with probability PROMPT_PROB.
+    hard_negatives (NegCLIP, Yuksekgonul et al. 2023; needs the images' scenes): that share of
+    the images take a minimal pair from shapes.corrupt instead, one of `corruptions` drawn
+    uniformly: the full caption is the positive and its near miss (relation reversed, colours
+    swapped, ...) joins the text side of the image -> text loss (losses.info_nce).
     Deterministic on CPU given the seed. Returns the model in eval mode."""
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)  # what open_clip.create_model builds from the JSON config
@@ -161,18 +175,26 @@ def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, pr
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, floor=0.0)
         idx = next(batches)  # (B,)
-        texts = []
+        texts, near_misses = [], []
         for i in idx.tolist():
             with_prompt = rng.random() < PROMPT_PROB  # drawn before the caption, as the data was made
-            caption = rng.choice(captions[i])
-            texts.append(prompted([caption])[0] if with_prompt else caption)
+            prompt = (lambda c: prompted([c])[0]) if with_prompt else (lambda c: c)
+            pair = None
+            if hard_negatives and rng.random() < hard_negatives:
+                pair = shapes.corrupt(scenes[i], rng, corruptions[int(rng.random() * len(corruptions))])
+            if pair is None:  # no hard negative for this image (or none possible: one object)
+                texts.append(prompt(rng.choice(captions[i])))
+            else:
+                texts.append(prompt(pair[0]))
+                near_misses.append(prompt(pair[1]))
         pixels = to_clip_input(images[idx.numpy()]).contiguous(memory_format=torch.channels_last)  # (B, 3, 64, 64)
-        tokens = tokenize(texts)  # (B, context_length)
+        tokens = tokenize(texts + near_misses)  # (B + M, context_length)
         with autocast():
             image_features = model.encode_image(pixels)  # (B, embed_dim)
-            text_features = encode_text(model, tokens)  # (B, embed_dim)
-        loss = info_nce(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1),
-                        model.logit_scale.exp())
+            text_features = F.normalize(encode_text(model, tokens).float(), dim=-1)  # (B + M, embed_dim)
+        B = len(texts)
+        loss = info_nce(F.normalize(image_features.float(), dim=-1), text_features[:B], model.logit_scale.exp(),
+                        b_negatives=text_features[B:] if near_misses else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

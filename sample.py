@@ -177,6 +177,13 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     return 0
 
 
+def marked(caption, scene):
+    """The caption, then how many of its claims are true and which are false (the shapes parser)."""
+    s = shapes.attribute_scores(caption, scene)
+    wrong = [claim for claim, ok in s["checked"] if not ok]
+    return f"{caption}  [{s['true']} true" + (f"; false: {', '.join(wrong)}]" if wrong else "]")
+
+
 def compare_checkpoints(cfg, device):
     """The first `compare` images of a split: a reference, then each checkpoint's caption."""
     paths = cfg.ckpts or [os.path.join(cfg.out_dir, f"stage{s}.pt") for s in (1, 2)]
@@ -199,6 +206,8 @@ def compare_checkpoints(cfg, device):
             label = f"{label} ({n + 1})"  # never let two checkpoints share a column
         columns[label] = [caps[0] for caps in caption_features(cfg, model, tok, feats, device)]
     records = layout.read_jsonl(os.path.join(split_dir, "captions.jsonl"))[: cfg.compare]
+    if all("scene" in r for r in records):  # the shapes world: mark each caption's false claims
+        columns = {k: [marked(c, r["scene"]) for c, r in zip(v, records)] for k, v in columns.items()}
     width = max(len(k) for k in columns) + 1
     for i, r in enumerate(records):
         print(r["image"] + f"\n  {'reference:':<{width}} {r['captions'][0]}")

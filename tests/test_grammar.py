@@ -38,3 +38,12 @@ def test_fluency_is_form_not_truth():
     assert grammar.fluent("a picture showing a single large purple cross")  # fluent whatever the image shows
     assert grammar.fluent("  two shapes  ")  # whitespace at the ends is ignored
     assert not grammar.fluent("a single  large purple cross")  # inside it is not
+
+
+def test_a_caption_marked_with_its_false_claims():
+    import sample
+    scene = {"objects": [dict(size="small", colour="red", shape="circle", x=0.2, y=0.5),
+                         dict(size="large", colour="blue", shape="square", x=0.7, y=0.5)]}
+    assert sample.marked("a red circle left of a blue square", scene) == "a red circle left of a blue square  [5 true]"
+    assert sample.marked("a red circle right of a green square", scene) == \
+        "a red circle right of a green square  [3 true; false: green, circle right of square]"

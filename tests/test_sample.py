@@ -1,6 +1,7 @@
 """sample.py through its command line, and the image loader on every kind of file users have."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -69,6 +70,7 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run):
     assert sum(l.strip().startswith("reference:") for l in lines) == 3
     assert sum(l.strip().startswith("copy/stage1:") for l in lines) == 3
     assert sum("/stage1:" in l for l in lines) == 6  # two columns, three images
+    assert sum(bool(re.search(r"\[\d+ true(; false: .+)?\]$", l)) for l in lines) == 6  # each claim checked
     assert Image.open(grid).format == "PNG"
     r = sample_cli("--split", "test", "--compare", "2", "--ckpts", ckpt, ckpt)  # the same file twice: two columns
     assert r.returncode == 0 and sum(l.strip().startswith("stage 1 (2):") for l in r.stdout.splitlines()) == 2

@@ -173,7 +173,8 @@ def prepare_shapes(cfg):
     reward_cfg, eval_cfg, lm_cfg = ((pretrain.SMALL_REWARD_CLIP_CFG, pretrain.SMALL_EVAL_CLIP_CFG, pretrain.SMALL_LM_CFG)
                                     if cfg.small_models else
                                     (pretrain.REWARD_CLIP_CFG, pretrain.EVAL_CLIP_CFG, pretrain.LM_CFG))
-    clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed, 0.0), "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1, 0.0)}
+    clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed, 0.0),  # role: (config, steps, seed, hard negatives)
+             "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1, 0.0)}
     if cfg.compositional:  # the reward CLIP's data and seed; another tower, and near misses among the texts
         clips["comp"] = (pretrain.COMP_CLIP_CFG, cfg.comp_clip_steps, cfg.seed, cfg.hard_negatives)
         if not set(cfg.hard_negative_kinds) <= set(pretrain.CORRUPTIONS):
@@ -201,15 +202,17 @@ def prepare_shapes(cfg):
         lm = pretrain.train_lm(texts, tok, GPTConfig(**lm_cfg, vocab_size=len(vocab)), cfg.lm_steps, seed=cfg.seed)
         pretrain.save_lm(lm, tok, gpt_dir)
 
+    # each CLIP's image features, found later by the CLIP their header names (layout.find_features)
+    files = {"reward": ("features.safetensors", ("train", "val", "test")),
+             "eval": ("features_eval.safetensors", ("val", "test")),
+             "comp": ("features_comp.safetensors", ("train", "val", "test"))}
     encoders = {}
     for role in clips:
-        encoders[role] = CLIPEncoder(os.path.join(models, f"clip_{role}.json"), os.path.join(models, f"clip_{role}.safetensors"))
-    for split in ("train", "val", "test"):
-        write_features(cfg, split, encoders["reward"], "features.safetensors", "models/clip_reward.json", "models/clip_reward.safetensors")
-    for split in ("val", "test"):
-        write_features(cfg, split, encoders["eval"], "features_eval.safetensors", "models/clip_eval.json", "models/clip_eval.safetensors")
-    for split in ("train", "val", "test") if cfg.compositional else ():
-        write_features(cfg, split, encoders["comp"], "features_comp.safetensors", "models/clip_comp.json", "models/clip_comp.safetensors")
+        json_path, weights = f"models/clip_{role}.json", f"models/clip_{role}.safetensors"  # as meta.json names them
+        encoders[role] = CLIPEncoder(os.path.join(cfg.data_dir, json_path), os.path.join(cfg.data_dir, weights))
+        filename, splits = files[role]
+        for split in splits:
+            write_features(cfg, split, encoders[role], filename, json_path, weights)
 
     meta = dict(dataset="shapes", seed=cfg.seed, splits=sizes,
                 clip="models/clip_reward.json", clip_weights="models/clip_reward.safetensors",

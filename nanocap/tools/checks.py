@@ -60,8 +60,8 @@ def resolve_clips(cfg, meta, dataset, reward_images):
     val image features (the reward CLIP's only when reward_images, as stage 2 needs them). A CLIP
     whose features the dataset lacks gets one line saying how to write them."""
     data_dir = cfg.data_dir
-    own = {"name": layout.in_data_dir(data_dir, meta["clip"]), "weights": layout.in_data_dir(data_dir, meta["clip_weights"]),
-           "normalized": meta["features_normalized"]}
+    own = {"name": layout.in_data_dir(data_dir, meta["clip"]), "normalized": meta["features_normalized"],
+           "weights": layout.in_data_dir(data_dir, meta["clip_weights"])}
     clip = dict(own, name=cfg.clip or own["name"], weights=cfg.clip_weights or own["weights"])
     same_model = not cfg.reward_clip or same(cfg.reward_clip, clip["name"])
     reward = dict(own, name=cfg.reward_clip or clip["name"],

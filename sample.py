@@ -28,14 +28,16 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from nanocap.captioner import load_captioner
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import grammar, layout, shapes
 from nanocap.data.images import ImageError, find_images, load_image
 from nanocap.decode import LENGTH_PENALTY, generate
+from nanocap.losses import clip_s, embed_captions
 from nanocap.tokenizer import get_tokenizer
-from nanocap.tools import checks, report
+from nanocap.tools import report
 from nanocap.tools.cli import parse_config
 from nanocap.tools.training import pick_device
 
@@ -158,13 +160,14 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     reward = ckpt.get("reward_clip") or ckpt["clip"]  # before --reward_clip, the feature CLIP scored the samples
     judge = (in_data(meta["eval_clip"]), in_data(meta["eval_clip_weights"]))
     reward_feats = layout.find_features(data_dir, cfg.split, reward["name"], reward["weights"])
-    if checks.same(judge[0], reward["name"]) and checks.same(judge[1], reward["weights"]):
+    if layout.same_clip(judge[0], reward["name"]) and layout.same_clip(judge[1], reward["weights"]):
         print(f"judged by {judge[0]} ({judge[1]}), the reward CLIP: CLIP-S measures the score that was optimized")
     elif reward_feats and not cfg.references:
         print(f"judged by {judge[0]} ({judge[1]}); reward CLIP-S and R@1 by the reward CLIP, {reward['name']}")
         reward_clip = CLIPEncoder(reward["name"], reward["weights"], device=device)
         feats = layout.load_features(reward_feats)
-        scores["reward CLIP-S"] = metrics.clip_scores(reward_clip, feats, candidates, references)["CLIP-S"]
+        texts = F.normalize(embed_captions(reward_clip, candidates).float().cpu(), dim=-1)  # (N, D_r), no references
+        scores["reward CLIP-S"] = 100 * clip_s(F.normalize(feats, dim=-1), texts).mean().item()
         scores["reward R@1"] = metrics.retrieval(reward_clip, feats, candidates, ks=(1,))["R@1"]
     print(metrics.format_table(scores))
     if cfg.out_json:

@@ -109,21 +109,27 @@ def load_features(path):
     return load_file(path)["features"].float()
 
 
+def same_clip(a, b):
+    """Two CLIP names, tags or paths that mean the same thing."""
+    if a is None or b is None:
+        return a == b
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def find_features(data_dir, split, clip, weights):
     """The path of the split's features made by CLIP (clip, weights), as the header of each
     <split>/features*.safetensors records them (save_features), or None if there is none. Names
     match as written; paths relative to the dataset folder match the same file given otherwise."""
     folder = split_dir(data_dir, split)
-    same = lambda a, b: a == b or (bool(a) and bool(b) and os.path.exists(in_data_dir(data_dir, a))
-                                   and os.path.exists(in_data_dir(data_dir, b))
-                                   and os.path.samefile(in_data_dir(data_dir, a), in_data_dir(data_dir, b)))
+    here = lambda p: in_data_dir(data_dir, p)  # headers name the dataset's own files relative to it
     names = sorted(f for f in os.listdir(folder) if f.startswith("features") and f.endswith(".safetensors")) \
         if os.path.isdir(folder) else []
     for name in names:  # features.safetensors first
         path = os.path.join(folder, name)
         with safe_open(path, "pt") as f:
             header = f.metadata() or {}
-        if same(header.get("clip"), clip) and same(header.get("clip_weights"), weights):
+        if (same_clip(here(header.get("clip")), here(clip))
+                and same_clip(here(header.get("clip_weights")), here(weights))):
             return path
     return None
 

@@ -12,17 +12,11 @@ import os
 from nanocap.data import layout
 
 
-def same(a, b):
-    """Two CLIP names, tags or paths that mean the same thing."""
-    if a is None or b is None:
-        return a == b
-    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
-
-
 def check_checkpoint(cfg, path, ckpt, clip_info, model=None):
     """A checkpoint to continue from must have been trained on this dataset's CLIP features and,
     when resuming, describe the same model as the flags; otherwise say so in one line."""
     theirs = ckpt["clip"]
+    same = layout.same_clip
     if not (same(theirs["name"], clip_info["name"]) and same(theirs["weights"], clip_info["weights"])):
         raise SystemExit(f"error: {path} was trained on features of CLIP {theirs['name']} ({theirs['weights']}), but "
                          f"{cfg.data_dir} holds features of CLIP {clip_info['name']} ({clip_info['weights']}); "
@@ -63,11 +57,11 @@ def resolve_clips(cfg, meta, dataset, reward_images):
     own = {"name": layout.in_data_dir(data_dir, meta["clip"]), "normalized": meta["features_normalized"],
            "weights": layout.in_data_dir(data_dir, meta["clip_weights"])}
     clip = dict(own, name=cfg.clip or own["name"], weights=cfg.clip_weights or own["weights"])
-    same_model = not cfg.reward_clip or same(cfg.reward_clip, clip["name"])
+    same_model = not cfg.reward_clip or layout.same_clip(cfg.reward_clip, clip["name"])
     reward = dict(own, name=cfg.reward_clip or clip["name"],
                   weights=cfg.reward_clip_weights or (clip["weights"] if same_model else "openai"))
     for info, splits in ((clip, ("train", "val")), (reward, ("train", "val") if reward_images else ())):
-        is_own = same(info["name"], own["name"]) and same(info["weights"], own["weights"])
+        is_own = layout.same_clip(info["name"], own["name"]) and layout.same_clip(info["weights"], own["weights"])
         info["features"] = {s: os.path.join(layout.split_dir(data_dir, s), "features.safetensors") if is_own else
                             layout.find_features(data_dir, s, info["name"], info["weights"]) for s in splits}
     missing = [s for s, p in clip["features"].items() if p is None]

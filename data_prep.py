@@ -84,6 +84,8 @@ class ShapesConfig(Config):
                                                                  "a minimal pair (a caption and its near miss)"})
     hard_negative_kinds: list[str] = field(default_factory=lambda: list(pretrain.HARD_NEGATIVES),
                                            metadata={"help": "the near misses: relation, binding, colour, shape, size"})
+    comp_clip_pos: str = field(default="learnable", metadata={"help": "compositional CLIP's patch positions: "
+                                                                      "learnable, or sin_cos_2d (fixed 2-D sines)"})
 
 
 @dataclass
@@ -176,7 +178,9 @@ def prepare_shapes(cfg):
     clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed, 0.0),  # role: (config, steps, seed, hard negatives)
              "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1, 0.0)}
     if cfg.compositional:  # the reward CLIP's data and seed; another tower, and near misses among the texts
-        clips["comp"] = (pretrain.COMP_CLIP_CFG, cfg.comp_clip_steps, cfg.seed, cfg.hard_negatives)
+        if cfg.comp_clip_pos not in ("learnable", "sin_cos_2d"):
+            raise SystemExit(f"error: --comp_clip_pos {cfg.comp_clip_pos}: use learnable or sin_cos_2d")
+        clips["comp"] = (pretrain.comp_clip_cfg(cfg.comp_clip_pos), cfg.comp_clip_steps, cfg.seed, cfg.hard_negatives)
         if not set(cfg.hard_negative_kinds) <= set(pretrain.CORRUPTIONS):
             raise SystemExit(f"error: --hard_negative_kinds {' '.join(cfg.hard_negative_kinds)}: use some of "
                              f"{' '.join(pretrain.CORRUPTIONS)}")

@@ -72,6 +72,28 @@ def test_saved_clip_loads_with_identical_features(data, tiny_clip):
     torch.testing.assert_close(encoder.encode_image(pil), image_ref, rtol=0, atol=0)
 
 
+def test_comp_clip_fixed_2d_positions_stay_fixed_and_load_back(data, tmp_path):
+    """--comp_clip_pos sin_cos_2d: open_clip's fixed sine-cosine table is in the saved JSON config,
+    training leaves it untouched (the rest moves), and CLIPEncoder rebuilds the same model."""
+    scenes, images, captions = data
+    cfg = pretrain.comp_clip_cfg("sin_cos_2d")
+    assert pretrain.comp_clip_cfg("learnable") is pretrain.COMP_CLIP_CFG
+    with pytest.raises(ValueError, match="sin_cos_2d"):
+        pretrain.comp_clip_cfg("rope")
+    start = pretrain.train_clip(cfg, images[:16], captions[:16], steps=0, seed=0, progress=False)
+    model = pretrain.train_clip(cfg, images[:16], captions[:16], steps=1, batch_size=16, seed=0, progress=False,
+                                scenes=scenes[:16], hard_negatives=0.5)
+    pos = model.visual.positional_embedding
+    assert not pos.requires_grad and torch.equal(pos, start.visual.positional_embedding) and pos.abs().max() == 1
+    assert not torch.equal(model.visual.conv1.weight, start.visual.conv1.weight)
+    pretrain.save_clip(model, cfg, tmp_path / "c.json", tmp_path / "c.safetensors")
+    assert json.load(open(tmp_path / "c.json"))["vision_cfg"]["pos_embed_type"] == "sin_cos_2d"
+    encoder = CLIPEncoder(tmp_path / "c.json", tmp_path / "c.safetensors")
+    with torch.no_grad():
+        ref = F.normalize(model.encode_image(pretrain.to_clip_input(images[:4])), dim=-1)
+    torch.testing.assert_close(encoder.encode_image(pretrain.to_clip_input(images[:4])), ref, rtol=0, atol=0)
+
+
 def test_to_clip_input_matches_open_clip_preprocess(data, tiny_clip):
     _, encoder = tiny_clip
     scenes, images, _ = data

@@ -80,6 +80,16 @@ COMP_CLIP_CFG = {
 }
 HARD_NEGATIVES = ("relation", "binding")  # the near misses the compositional CLIP is trained against
 
+
+def comp_clip_cfg(positions="learnable"):
+    """COMP_CLIP_CFG with its patch positions: "learnable" (CLIP's own), or "sin_cos_2d", open_clip's
+    fixed 2-D sine-cosine table (MAE's), an explicit x and y signal that is not trained."""
+    if positions not in ("learnable", "sin_cos_2d"):
+        raise ValueError(f"patch positions {positions!r}: use learnable or sin_cos_2d")
+    if positions == "learnable":
+        return COMP_CLIP_CFG  # the JSON config stays as it was
+    return {**COMP_CLIP_CFG, "vision_cfg": {**COMP_CLIP_CFG["vision_cfg"], "pos_embed_type": positions}}
+
 PROMPT_PROB = 0.5  # training captions carry the prompt half of the time, so CLIP-S's texts are familiar
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)  # open_clip's default normalisation
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD)

@@ -97,6 +97,7 @@ results-2x2-table: install
 	    results/2x2_comp_reward_stage1.seed*.json results/2x2_comp_reward_stage2.seed*.json \
 	    results/2x2_comp_stage1.seed*.json results/2x2_comp_stage2.seed*.json \
 	    results/c_full.seed*.json results/2x2_comp_full.seed*.json
+	$(PY) sample.py --two_by_two results
 
 results-table: install
 	$(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt --out_json results/e_references.json

@@ -9,6 +9,7 @@ Caption images with a trained nanocap checkpoint, or caption a whole split and s
     python sample.py --table results/*.json              # score files as one table (mean ± std over seeds)
     python sample.py --claims results                    # the paper's claims, seed by seed
     python sample.py --claims results --claims_full c_full_2400   # against full supervision at 4x the steps
+    python sample.py --two_by_two results                # the features x reward 2x2, seed by seed
 
 The checkpoint names its CLIP (model and weights), whether the features are normalized, and
 its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage in --out_dir.
@@ -72,6 +73,8 @@ class Config:
     claims: str = field(default="", metadata={"help": "a results folder: check the paper's claims seed by seed"})
     claims_full: str = field(default="c_full", metadata={"help": "with --claims: the full-supervision row (c) "
                                                                  "to compare with, e.g. c_full_2400"})
+    two_by_two: str = field(default="", metadata={"help": "a results folder: stage 2's change in each cell of the "
+                                                          "features x reward 2x2, seed by seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -223,9 +226,10 @@ def compare_checkpoints(cfg, device):
 
 
 def main(cfg):
-    if cfg.table or cfg.claims:
+    if cfg.table or cfg.claims or cfg.two_by_two:
         try:
-            lines = report.score_table(cfg.table) if cfg.table else report.claims(cfg.claims, full=cfg.claims_full)
+            lines = (report.score_table(cfg.table) if cfg.table else
+                     report.claims(cfg.claims, full=cfg.claims_full) if cfg.claims else report.two_by_two(cfg.two_by_two))
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         print("\n".join(lines))

@@ -64,3 +64,32 @@ def test_claims_without_score_files_fail_in_one_line(tmp_path, capsys):
     write(tmp_path / "c_full.seed1.json", **scores(150, 170, 40, 80))
     assert sample.main(parse_config(sample.Config, ["--claims", str(tmp_path)])) == 0
     assert "held in 1 of 1 seeds" in capsys.readouterr().out
+
+
+def test_two_by_two_changes_and_swaps_paired_by_seed(tmp_path, capsys):
+    """Stage 2's change per cell, and each swap's effect on it, are differences taken within a seed;
+    a cell missing a seed counts only the seeds it has, a metric a file lacks is skipped."""
+    with pytest.raises(SystemExit, match="no cell of the 2x2 has both"):
+        sample.main(parse_config(sample.Config, ["--two_by_two", str(tmp_path)]))
+    p = dict(attr_precision=70.0, rel_precision=30.0, attr_recall=60.0)
+    for seed, shift in ((1, 0.0), (2, 2.0)):
+        def put(name, **changes):
+            write(tmp_path / f"{name}.seed{seed}.json", **{m: v + shift for m, v in {**p, **changes}.items()})
+        put("a_stage1_2pct"), put("b_stage2", attr_precision=69.0 - shift, attr_recall=78.0)
+        put("2x2_comp_reward_stage1"), put("2x2_comp_reward_stage2", attr_precision=66.0)
+        put("c_full", attr_precision=76.0), put("2x2_comp_full", attr_precision=65.0)
+    put("2x2_comp_stage1")  # seed 2 only, and its stage 2 names no relation
+    write(tmp_path / "2x2_comp_stage2.seed2.json", attr_precision=73.0, attr_recall=80.0)
+    assert sample.main(parse_config(sample.Config, ["--two_by_two", str(tmp_path)])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # bag-of-words both: -1 then -3 (69 - 2 + 2 against 70 + 2): mean -2, sample std 1.4
+    assert lines[2] == "| bag-of-words features, bag-of-words reward | 2 | -2.0 ± 1.4 (-1.0, -3.0) | +0.0 ± 0.0 " \
+                       "(+0.0, +0.0) | +18.0 ± 0.0 (+18.0, +18.0) |"
+    assert lines[3] == "| compositional features, bag-of-words reward | 0 | – | – | – |"
+    assert lines[4].startswith("| bag-of-words features, compositional reward | 2 | -4.0 ± 0.0 (-4.0, -4.0) |")
+    assert lines[5] == "| compositional features, compositional reward | 1 | +1.0 | – | +18.0 |"
+    reward = next(line for line in lines if line.startswith("| reward → compositional"))
+    assert reward.split(" | ")[1:3] == ["2", "-2.0 ± 1.4 (-3.0, -1.0)"]  # -4 against -1, then -4 against -3
+    both = next(line for line in lines if line.startswith("| both → compositional"))
+    assert both.split(" | ")[1:3] == ["1", "+4.0"]  # +1 against -3 in seed 2
+    assert lines[-1].split(" | ")[1:3] == ["2", "-11.0 ± 0.0 (-11.0, -11.0)"]  # 65 against 76, levels

@@ -1,9 +1,10 @@
 """
 Reports: score files as one markdown table (mean ± std over seeds), the paper's claims checked
-seed by seed, and images beside their captions as one PNG.
+seed by seed, the features x reward 2x2 read off seed by seed, and images beside their captions
+as one PNG.
 
-sample.py --table prints the table and sample.py --claims the claims (the README's results are
-made so); sample.py --compare --grid and data_prep.py --grid draw the pictures.
+sample.py --table prints the table, sample.py --claims the claims and sample.py --two_by_two the
+2x2's changes (the README's results are made so); sample.py --compare --grid and data_prep.py --grid draw the pictures.
 """
 
 import glob
@@ -103,6 +104,66 @@ def claims(results_dir, semi="b_stage2", full="c_full", stage1="a_stage1_2pct"):
         lines.append(f"attr_precision (b) - (a) by seed: {', '.join(f'{d:+.1f}' for d in drop)}, mean "
                      f"{statistics.mean(drop):+.1f}; the largest std over seeds (of (a), (b) or the change) is "
                      f"{spread:.1f}: the drop is {'larger than the spread' if larger else 'within the spread'}")
+    return lines
+
+
+# the 2x2 of features x reward (README, "The reward's blind spots"): each cell's stage-1 and stage-2
+# runs, then full supervision on either features; names as `make results-2x2` writes them
+CELLS = [("bag-of-words features, bag-of-words reward", "a_stage1_2pct", "b_stage2"),
+         ("compositional features, bag-of-words reward", "2x2_comp_features_stage1", "2x2_comp_features_stage2"),
+         ("bag-of-words features, compositional reward", "2x2_comp_reward_stage1", "2x2_comp_reward_stage2"),
+         ("compositional features, compositional reward", "2x2_comp_stage1", "2x2_comp_stage2")]
+FULL = ("c_full", "2x2_comp_full")  # full supervision on the bag-of-words, then the compositional features
+
+
+def _cell(values):
+    """'mean ± std (v1, v2, ...)' of per-seed values, None skipped; '–' when none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = f"{statistics.mean(values):+.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    return f"{mean} ({', '.join(f'{v:+.1f}' for v in values)})" if len(values) > 1 else mean
+
+
+def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_recall")):
+    """The 2x2 read off seed by seed. Stage 2's change (stage 2 - stage 1, same seed) in each cell;
+    then what each swap does to that change against the bag-of-words cell (a difference of
+    differences, paired by seed), and what the compositional features do to full supervision.
+    Only seeds that have every file a line needs count; a metric a file lacks (rel_precision
+    when no caption states a relation) is skipped for that seed. Returns markdown lines."""
+    runs = {name: by_seed(results_dir, name) for _, *names in CELLS for name in names}
+    runs.update({name: by_seed(results_dir, name) for name in FULL})
+
+    def change(cell, seed, m):  # stage 2 - stage 1 of one cell and seed, or None
+        before, after = runs[cell[1]][seed], runs[cell[2]][seed]
+        return after[m] - before[m] if m in before and m in after else None
+
+    def seeds_of(*names):
+        common = set.intersection(*(set(runs[n]) for n in names))
+        return sorted(common)
+
+    if not any(seeds_of(cell[1], cell[2]) for cell in CELLS):
+        raise ValueError(f"no cell of the 2x2 has both its stage-1 and stage-2 score files in {results_dir}; "
+                         f"make them with `make results-seed SEED=N` and `make results-2x2 SEED=N`")
+    base = CELLS[0]
+    lines = ["| stage 2 - stage 1 | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for cell in CELLS:
+        seeds = seeds_of(cell[1], cell[2])
+        cells = [_cell([change(cell, s, m) for s in seeds]) for m in metrics]
+        lines.append(f"| {cell[0]} | {len(seeds)} | " + " | ".join(cells) + " |")
+    lines += ["", "| the swap, against bag-of-words both (paired by seed) | seeds | " + " | ".join(metrics) + " |",
+              "|---" * (len(metrics) + 2) + "|"]
+    for cell, swap in zip(CELLS[1:], ["features → compositional", "reward → compositional", "both → compositional"]):
+        seeds = seeds_of(base[1], base[2], cell[1], cell[2])
+        diffs = [[None if change(cell, s, m) is None or change(base, s, m) is None
+                  else change(cell, s, m) - change(base, s, m) for s in seeds] for m in metrics]
+        lines.append(f"| {swap}: its effect on stage 2's change | {len(seeds)} | "
+                     + " | ".join(_cell(d) for d in diffs) + " |")
+    seeds = seeds_of(*FULL)
+    diffs = [[runs[FULL[1]][s][m] - runs[FULL[0]][s][m] if m in runs[FULL[1]][s] and m in runs[FULL[0]][s] else None
+              for s in seeds] for m in metrics]
+    lines.append(f"| features → compositional, full supervision (levels, not changes) | {len(seeds)} | "
+                 + " | ".join(_cell(d) for d in diffs) + " |")
     return lines
 
 

@@ -225,14 +225,23 @@ def prepare_shapes(cfg):
     if os.path.exists(os.path.join(models, "clip_comp.safetensors")):  # for train.py --clip or --reward_clip
         meta.update(comp_clip="models/clip_comp.json", comp_clip_weights="models/clip_comp.safetensors")
     layout.write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
-    summarize(cfg, encoders, gpt_dir, t0)
+    summarize(cfg, encoders, files, gpt_dir, t0)
 
 
-def summarize(cfg, encoders, gpt_dir, t0):
-    """Counts, sizes, each CLIP's quality on test, the GPT's validation perplexity, wall time."""
+def summarize(cfg, encoders, files, gpt_dir, t0):
+    """Counts, sizes, each CLIP's quality on test (and, where it has train features, how well a
+    linear probe reads a relation off them), the GPT's validation perplexity, wall time."""
     test_records, test_images = load_split(cfg, "test")
     scenes = [r["scene"] for r in test_records]
     reports = {role: pretrain.clip_report(enc, test_images, scenes, seed=cfg.seed) for role, enc in encoders.items()}
+    train_scenes = [r["scene"] for r in layout.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))]
+    for role in encoders:
+        filename, splits = files[role]
+        if "train" in splits:
+            feats = [layout.load_features(os.path.join(cfg.data_dir, split, filename)) for split in ("train", "test")]
+            probe = pretrain.relation_probe(feats[0], train_scenes, feats[1], scenes)
+            if probe is not None:
+                reports[role]["rel_probe"], reports[role]["rel_probe_chance"] = probe
     vocab = layout.read_json(os.path.join(gpt_dir, "nanocap_vocab.json"))
     lm = GPT.from_pretrained(gpt_dir)
     val_texts = [c for r in layout.read_jsonl(os.path.join(cfg.data_dir, "val", "captions.jsonl")) for c in r["captions"]]
@@ -247,7 +256,8 @@ def summarize(cfg, encoders, gpt_dir, t0):
     keys = list(reports["reward"])
     print(f"{f'test ({len(scenes)} images)':<20}" + "".join(f"{k:>{len(k) + 2}}" for k in keys))
     for role, rep in reports.items():
-        print(f"{role + ' CLIP':<20}" + "".join(f"{rep[k]:>{len(k) + 2}.3f}" for k in keys))
+        print(f"{role + ' CLIP':<20}" + "".join(f"{rep[k]:>{len(k) + 2}.3f}" if k in rep else f"{'–':>{len(k) + 2}}"
+                                                for k in keys))
     print(f"toy GPT ({lm.num_params() / 1e6:.2f}M params): validation perplexity {ppl:.2f}")
     print(f"wall time: {summary['wall_time_s']:.0f} s")
 

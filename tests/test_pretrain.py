@@ -94,6 +94,28 @@ def test_comp_clip_fixed_2d_positions_stay_fixed_and_load_back(data, tmp_path):
     torch.testing.assert_close(encoder.encode_image(pretrain.to_clip_input(images[:4])), ref, rtol=0, atol=0)
 
 
+def test_relation_probe_reads_a_relation_only_where_the_features_hold_it():
+    """Features that hold where the first-coloured object stands ((dx, dy) to the other: the relation is
+    the argmax of dx, -dx, dy, -dy, which is linear) are read almost perfectly; noise is not."""
+    scenes = shapes.make_split(600, seed=3)
+    g = torch.Generator().manual_seed(0)
+
+    def features(scene):
+        objs = scene["objects"]
+        if len(objs) != 2:
+            return torch.randn(6, generator=g)
+        first, other = sorted(objs, key=lambda o: o["colour"])
+        where = torch.tensor([other["x"] - first["x"], other["y"] - first["y"], 0, 0, 0, 0.0])
+        return where + 0.01 * torch.randn(6, generator=g)
+    holds = torch.stack([features(s) for s in scenes])  # (600, 6)
+    accuracy, chance = pretrain.relation_probe(holds[:400], scenes[:400], holds[400:], scenes[400:])
+    assert accuracy > 0.95 and 0.25 <= chance < 0.5
+    noise = torch.randn(600, 6, generator=g)
+    assert pretrain.relation_probe(noise[:400], scenes[:400], noise[400:], scenes[400:])[0] < chance + 0.15
+    one = [s for s in scenes if len(s["objects"]) == 1][:3]
+    assert pretrain.relation_probe(noise[:3], one, noise[:3], one) is None  # no two-object scene
+
+
 def test_to_clip_input_matches_open_clip_preprocess(data, tiny_clip):
     _, encoder = tiny_clip
     scenes, images, _ = data

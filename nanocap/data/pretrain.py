@@ -90,6 +90,7 @@ def comp_clip_cfg(positions="learnable"):
         return COMP_CLIP_CFG  # the JSON config stays as it was
     return {**COMP_CLIP_CFG, "vision_cfg": {**COMP_CLIP_CFG["vision_cfg"], "pos_embed_type": positions}}
 
+
 PROMPT_PROB = 0.5  # training captions carry the prompt half of the time, so CLIP-S's texts are familiar
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)  # open_clip's default normalisation
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD)
@@ -259,6 +260,40 @@ def clip_report(encoder, images, scenes, seed=0):
         text = embed([shapes.caption(s, rng, kind) for s in scenes])
         report[f"clip_s_{kind}"] = clip_s(image_emb, text).mean().item()
     return report
+
+def relation_probe(train_features, train_scenes, test_features, test_scenes, l2=1e-3):
+    """Does an image embedding hold a relation? A linear probe (logistic regression on standardised
+    features, L-BFGS) learns, on the train split's scenes of two objects of different colours,
+    where the object whose colour comes first alphabetically stands relative to the other (left of,
+    right of, above, below). Features: (N, D), a row per scene. Returns the probe's accuracy on the
+    test split's such scenes, and the share of their commonest relation (a constant guess's);
+    None when a split has too few such scenes."""
+    def pairs(features, scenes):  # (n, D) rows of the two-object scenes, (n,) relation indices
+        rows, labels = [], []
+        for k, scene in enumerate(scenes):
+            objs = scene["objects"]
+            if len(objs) == 2 and objs[0]["colour"] != objs[1]["colour"]:
+                (i, rel, _), = shapes.relations(scene)  # object i is `rel` the other
+                first = min(range(2), key=lambda t: objs[t]["colour"])
+                rows.append(k)
+                labels.append(list(shapes.INVERSE).index(rel if i == first else shapes.INVERSE[rel]))
+        return features[rows].float(), torch.tensor(labels)
+    (x, y), (x_test, y_test) = pairs(train_features, train_scenes), pairs(test_features, test_scenes)
+    if len(y) < 2 or len(y_test) == 0:
+        return None
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    w, b = torch.zeros(x.shape[1], 4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy((x - mean) / std @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        accuracy = (((x_test - mean) / std @ w + b).argmax(1) == y_test).float().mean().item()
+    return accuracy, torch.bincount(y_test, minlength=4).max().item() / len(y_test)
 
 # -----------------------------------------------------------------------------
 # the language model

@@ -93,3 +93,4 @@ def test_two_by_two_changes_and_swaps_paired_by_seed(tmp_path, capsys):
     both = next(line for line in lines if line.startswith("| both → compositional"))
     assert both.split(" | ")[1:3] == ["1", "+4.0"]  # +1 against -3 in seed 2
     assert lines[-1].split(" | ")[1:3] == ["2", "-11.0 ± 0.0 (-11.0, -11.0)"]  # 65 against 76, levels
+    assert report._cell([1.0, None, 3.0]) == "+2.0 ± 1.4 (+1.0, +3.0) (2 of 3 seeds)"  # a seed without the metric

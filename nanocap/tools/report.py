@@ -117,12 +117,13 @@ FULL = ("c_full", "2x2_comp_full")  # full supervision on the bag-of-words, then
 
 
 def _cell(values):
-    """'mean ± std (v1, v2, ...)' of per-seed values, None skipped; '–' when none."""
-    values = [v for v in values if v is not None]
-    if not values:
+    """'mean ± std (v1, v2, ...)' of per-seed values, None skipped (and said); '–' when none."""
+    kept = [v for v in values if v is not None]
+    if not kept:
         return "–"
-    mean = f"{statistics.mean(values):+.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-    return f"{mean} ({', '.join(f'{v:+.1f}' for v in values)})" if len(values) > 1 else mean
+    mean = f"{statistics.mean(kept):+.1f}" + (f" ± {statistics.stdev(kept):.1f}" if len(kept) > 1 else "")
+    cell = f"{mean} ({', '.join(f'{v:+.1f}' for v in kept)})" if len(kept) > 1 else mean
+    return cell if len(kept) == len(values) else f"{cell} ({len(kept)} of {len(values)} seeds)"
 
 
 def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_recall")):

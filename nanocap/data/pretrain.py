@@ -261,6 +261,7 @@ def clip_report(encoder, images, scenes, seed=0):
         report[f"clip_s_{kind}"] = clip_s(image_emb, text).mean().item()
     return report
 
+
 def relation_probe(train_features, train_scenes, test_features, test_scenes, l2=1e-3):
     """Does an image embedding hold a relation? A linear probe (logistic regression on standardised
     features, L-BFGS) learns, on the train split's scenes of two objects of different colours,

@@ -4,7 +4,8 @@ seed by seed, the features x reward 2x2 read off seed by seed, and images beside
 as one PNG.
 
 sample.py --table prints the table, sample.py --claims the claims and sample.py --two_by_two the
-2x2's changes (the README's results are made so); sample.py --compare --grid and data_prep.py --grid draw the pictures.
+2x2's changes (the README's results are made so); sample.py --compare --grid and data_prep.py
+--grid draw the pictures.
 """
 
 import glob
@@ -139,9 +140,8 @@ def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_re
         before, after = runs[cell[1]][seed], runs[cell[2]][seed]
         return after[m] - before[m] if m in before and m in after else None
 
-    def seeds_of(*names):
-        common = set.intersection(*(set(runs[n]) for n in names))
-        return sorted(common)
+    def seeds_of(*names):  # the seeds that have every one of these files
+        return sorted(set.intersection(*(set(runs[n]) for n in names)))
 
     if not any(seeds_of(cell[1], cell[2]) for cell in CELLS):
         raise ValueError(f"no cell of the 2x2 has both its stage-1 and stage-2 score files in {results_dir}; "

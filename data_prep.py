@@ -178,9 +178,11 @@ def prepare_shapes(cfg):
     clips = {"reward": (reward_cfg, cfg.clip_steps, cfg.seed, 0.0),  # role: (config, steps, seed, hard negatives)
              "eval": (eval_cfg, cfg.eval_clip_steps, cfg.seed + 1, 0.0)}
     if cfg.compositional:  # the reward CLIP's data and seed; another tower, and near misses among the texts
-        if cfg.comp_clip_pos not in ("learnable", "sin_cos_2d"):
-            raise SystemExit(f"error: --comp_clip_pos {cfg.comp_clip_pos}: use learnable or sin_cos_2d")
-        clips["comp"] = (pretrain.comp_clip_cfg(cfg.comp_clip_pos), cfg.comp_clip_steps, cfg.seed, cfg.hard_negatives)
+        try:
+            comp_cfg = pretrain.comp_clip_cfg(cfg.comp_clip_pos)
+        except ValueError as e:
+            raise SystemExit(f"error: --comp_clip_pos: {e}")
+        clips["comp"] = (comp_cfg, cfg.comp_clip_steps, cfg.seed, cfg.hard_negatives)
         if not set(cfg.hard_negative_kinds) <= set(pretrain.CORRUPTIONS):
             raise SystemExit(f"error: --hard_negative_kinds {' '.join(cfg.hard_negative_kinds)}: use some of "
                              f"{' '.join(pretrain.CORRUPTIONS)}")

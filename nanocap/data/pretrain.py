@@ -269,6 +269,8 @@ def relation_probe(train_features, train_scenes, test_features, test_scenes, l2=
     right of, above, below). Features: (N, D), a row per scene. Returns the probe's accuracy on the
     test split's such scenes, and the share of their commonest relation (a constant guess's);
     None when a split has too few such scenes."""
+    kinds = list(shapes.INVERSE)  # left of, right of, above, below: the probe's classes
+
     def pairs(features, scenes):  # (n, D) rows of the two-object scenes, (n,) relation indices
         rows, labels = [], []
         for k, scene in enumerate(scenes):
@@ -277,13 +279,13 @@ def relation_probe(train_features, train_scenes, test_features, test_scenes, l2=
                 (i, rel, _), = shapes.relations(scene)  # object i is `rel` the other
                 first = min(range(2), key=lambda t: objs[t]["colour"])
                 rows.append(k)
-                labels.append(list(shapes.INVERSE).index(rel if i == first else shapes.INVERSE[rel]))
+                labels.append(kinds.index(rel if i == first else shapes.INVERSE[rel]))
         return features[rows].float(), torch.tensor(labels)
     (x, y), (x_test, y_test) = pairs(train_features, train_scenes), pairs(test_features, test_scenes)
     if len(y) < 2 or len(y_test) == 0:
         return None
     mean, std = x.mean(0), x.std(0) + 1e-6
-    w, b = torch.zeros(x.shape[1], 4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    w, b = torch.zeros(x.shape[1], len(kinds), requires_grad=True), torch.zeros(len(kinds), requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
 
     def closure():
@@ -294,7 +296,7 @@ def relation_probe(train_features, train_scenes, test_features, test_scenes, l2=
     opt.step(closure)
     with torch.no_grad():
         accuracy = (((x_test - mean) / std @ w + b).argmax(1) == y_test).float().mean().item()
-    return accuracy, torch.bincount(y_test, minlength=4).max().item() / len(y_test)
+    return accuracy, torch.bincount(y_test, minlength=len(kinds)).max().item() / len(y_test)
 
 # -----------------------------------------------------------------------------
 # the language model

@@ -136,9 +136,14 @@ def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_re
     runs = {name: by_seed(results_dir, name) for _, *names in CELLS for name in names}
     runs.update({name: by_seed(results_dir, name) for name in FULL})
 
+    def minus(a, b):  # None where either value is missing
+        return None if a is None or b is None else a - b
+
+    def value(name, seed, m):
+        return runs[name][seed].get(m)
+
     def change(cell, seed, m):  # stage 2 - stage 1 of one cell and seed, or None
-        before, after = runs[cell[1]][seed], runs[cell[2]][seed]
-        return after[m] - before[m] if m in before and m in after else None
+        return minus(value(cell[2], seed, m), value(cell[1], seed, m))
 
     def seeds_of(*names):  # the seeds that have every one of these files
         return sorted(set.intersection(*(set(runs[n]) for n in names)))
@@ -156,13 +161,11 @@ def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_re
               "|---" * (len(metrics) + 2) + "|"]
     for cell, swap in zip(CELLS[1:], ["features → compositional", "reward → compositional", "both → compositional"]):
         seeds = seeds_of(base[1], base[2], cell[1], cell[2])
-        diffs = [[None if change(cell, s, m) is None or change(base, s, m) is None
-                  else change(cell, s, m) - change(base, s, m) for s in seeds] for m in metrics]
+        diffs = [[minus(change(cell, s, m), change(base, s, m)) for s in seeds] for m in metrics]
         lines.append(f"| {swap}: its effect on stage 2's change | {len(seeds)} | "
                      + " | ".join(_cell(d) for d in diffs) + " |")
     seeds = seeds_of(*FULL)
-    diffs = [[runs[FULL[1]][s][m] - runs[FULL[0]][s][m] if m in runs[FULL[1]][s] and m in runs[FULL[0]][s] else None
-              for s in seeds] for m in metrics]
+    diffs = [[minus(value(FULL[1], s, m), value(FULL[0], s, m)) for s in seeds] for m in metrics]
     lines.append(f"| features → compositional, full supervision (levels, not changes) | {len(seeds)} | "
                  + " | ".join(_cell(d) for d in diffs) + " |")
     return lines

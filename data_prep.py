@@ -5,10 +5,14 @@ shapes world its toy foundation models.
     python data_prep.py                       # the shapes world, the default: offline, CPU, minutes
     python data_prep.py --dataset coco --coco_root coco --karpathy_json coco/dataset_coco.json
     python data_prep.py --dataset folder --images photos/ --captions captions.jsonl
+    python data_prep.py --dataset webdataset --shards "cc3m/{00000..00331}.tar" --data_dir data/cc3m
+    torchrun --nproc_per_node 8 data_prep.py --dataset webdataset ...   # the tars split between 8 ranks
 
 COCO (Karpathy split) and your own folder are nanocap/data/real.py: CLIP ViT-B-32-quickgelu with
 the openai weights by default (--clip, --clip_weights), each image encoded once, shard by shard.
 Each dataset has its own flags (one dataclass each, below): `--dataset coco -h` lists COCO's.
+A webdataset pool (nanocap/data/webpool.py) is unlabeled images only, their features for stage 2's
+train.py --unlabeled_pool; it runs under torchrun, each rank encoding its share of the tars.
 
 The shapes world replicates the setting of Jin (arXiv 2306.15111) at CPU size: foundation models
 pretrained on lots of *other* data (a "web" split the captioner never sees), few labels, many
@@ -40,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.data import layout, pretrain, real, shapes
+from nanocap.data import layout, pretrain, real, shapes, webpool
 from nanocap.data.images import load_image
 from nanocap.data.real import encode_images
 from nanocap.gpt import GPT, GPTConfig
@@ -53,7 +57,7 @@ from nanocap.tools.report import draw_grid
 class Config:
     """Make a dataset: the shapes world (default), COCO's Karpathy split, or your own folder.
     Each dataset has its own flags: `python data_prep.py --dataset coco -h` lists COCO's."""
-    dataset: str = field(default="shapes", metadata={"help": "shapes (offline toy world), coco or folder"})
+    dataset: str = field(default="shapes", metadata={"help": "shapes (offline toy world), coco, folder or webdataset"})
     data_dir: str = field(default="", metadata={"help": "output folder; default data/<dataset>"})
     seed: int = field(default=1337, metadata={"help": "everything below is a function of this seed"})
     batch_size: int = field(default=256, metadata={"help": "images per batch when encoding features"})
@@ -121,7 +125,17 @@ class FolderConfig(RealConfig):
     test_fraction: float = field(default=0.05, metadata={"help": "captioned images for test (at least 1)"})
 
 
-CONFIGS = {"shapes": ShapesConfig, "coco": CocoConfig, "folder": FolderConfig}
+@dataclass
+class WebdatasetConfig(Config):
+    """An unlabeled pool from webdataset tars (img2dataset's output), for train.py --unlabeled_pool:
+    CLIP features only, under torchrun each rank encoding its share of the tars."""
+    shards: str = field(default="", metadata={"help": 'the tars, brace syntax: "pool/{00000..00099}.tar"'})
+    clip: str = field(default="ViT-B-32-quickgelu", metadata={"help": "CLIP that embeds the images: the dataset's"})
+    clip_weights: str = field(default="openai", metadata={"help": "open_clip tag or weights file: the dataset's"})
+    device: str = field(default="auto", metadata={"help": "where CLIP runs: auto, cpu, cuda (a GPU per rank), mps"})
+
+
+CONFIGS = {"shapes": ShapesConfig, "coco": CocoConfig, "folder": FolderConfig, "webdataset": WebdatasetConfig}
 
 
 SPLITS = ("web", "train", "val", "test")
@@ -286,18 +300,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     dataset = which_dataset(argv)
     if dataset not in CONFIGS:
-        raise SystemExit(f"error: unknown --dataset {dataset!r}; use shapes, coco or folder")
+        raise SystemExit(f"error: unknown --dataset {dataset!r}; use shapes, coco, folder or webdataset")
     cfg = parse_config(CONFIGS[dataset], argv)
     cfg.data_dir = cfg.data_dir or os.path.join("data", cfg.dataset)
-    if dataset != "shapes":  # a second judge defaults to the CLIP itself
+    if dataset in ("coco", "folder"):  # a second judge defaults to the CLIP itself
         cfg.eval_clip = cfg.eval_clip or cfg.clip
         cfg.eval_clip_weights = cfg.eval_clip_weights or (cfg.clip_weights if cfg.eval_clip == cfg.clip else "openai")
         cfg.reward_clip_weights = cfg.reward_clip_weights or ("openai" if cfg.reward_clip else "")
-    print_config(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, once
+        print_config(cfg)
     if cfg.grid:
         draw_examples(cfg)
     elif dataset == "shapes":
         prepare_shapes(cfg)
+    elif dataset == "webdataset":
+        webpool.run(cfg)
     else:
         real.prepare(cfg)
 

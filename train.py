@@ -5,6 +5,7 @@ Stage 1, few labels (--labeled_fraction of the train images, each with all its c
     loss = CE(caption | prefix) + λ · REINFORCE(contrastive reward)     losses.stage1_loss
 Stage 2, unlabeled images (their captions are never read), from the stage-1 checkpoint:
     loss = REINFORCE(CLIP-S) + β · KL(π ‖ π_stage1)                      losses.stage2_loss
+    its images: the train split's unlabeled ones, plus any --unlabeled_pool (nanocap/data/pool.py)
 The objectives live in nanocap/losses.py; this file is config, data, model and the loop.
 Two CLIPs have two parts: --clip's image features feed the mapper, and --reward_clip scores the
 sampled captions (stage 1's contrastive reward, stage 2's CLIP-S); by default one CLIP does both.
@@ -14,7 +15,8 @@ sampled captions (stage 1's contrastive reward, stage 2's CLIP-S); by default on
     python train.py --config configs/coco_mlp.json    # COCO: ClipCap's MLP recipe, 2% of labels
     python train.py --reward_clip data/shapes/models/clip_comp.json \
         --reward_clip_weights data/shapes/models/clip_comp.safetensors   # captions scored by another CLIP
-    torchrun --nproc_per_node 2 train.py --stage 1    # DDP (gloo on CPU, nccl on CUDA)
+    python train.py --stage 2 --unlabeled_pool data/cc3m   # more unlabeled images: data_prep.py --dataset webdataset
+    torchrun --nproc_per_node 2 train.py --stage 1    # DDP (gloo on CPU, nccl on CUDA); one rank's error stops all
 """
 
 import os
@@ -30,14 +32,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanocap import losses
 from nanocap.captioner import Captioner, load_captioner, read_checkpoint, save_checkpoint
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.data import layout
+from nanocap.data import layout, pool
 from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
 from nanocap.tools.checks import check_checkpoint, check_split, resolve_clips
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, plot_log, restart_log, setup_system
+from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, plot_log, restart_log, setup_system, together
 
 # -----------------------------------------------------------------------------
 # config
@@ -69,6 +71,8 @@ class Config:
     # data
     labeled_fraction: float = field(default=0.02, metadata={"help": "share of the captioned train images"})
     max_caption_tokens: int = field(default=48, metadata={"help": "longer captions are cut"})
+    unlabeled_pool: list[str] = field(default_factory=list, metadata={"help": "stage 2: more unlabeled images, "
+                                      "pools from data_prep.py --dataset webdataset (read memory-mapped)"})
     # stage 1
     batch_size: int = field(default=32, metadata={"help": "stage 1: images per step and process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per step (for small GPUs)"})
@@ -108,39 +112,49 @@ class Config:
 
 
 def load_data(cfg, stage):
-    """(meta, clip_info, reward_info, the stage's training set, val, split). Stage 1 trains on a
-    layout.Captioned set, stage 2 on a layout.Unlabeled pool, which holds no captions at all, only
-    the features and the reward CLIP's features. split describes the labeled split; stage 1 saves
-    it, stage 2 checks it against the checkpoint it continues."""
+    """(meta, clip_info, reward_info, the stage's training set, val, split, pools). Stage 1 trains on
+    a layout.Captioned set, stage 2 on a layout.Unlabeled pool, which holds no captions at all, only
+    the features and the reward CLIP's features (with --unlabeled_pool: a pool.UnlabeledPool, read
+    memory-mapped). split describes the labeled split; stage 1 saves it, stage 2 checks it against
+    the checkpoint it continues; pools are what a checkpoint records of the extra pools."""
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         raise SystemExit(f"error: no dataset in {cfg.data_dir} (no meta.json); make one with data_prep.py first")
     meta = layout.read_json(os.path.join(cfg.data_dir, "meta.json"))
+    missing = [s for s in ("train", "val") if s not in meta.get("splits", {"train": 0, "val": 0})]
+    if missing:
+        raise SystemExit(f"error: {cfg.data_dir} has no {' or '.join(missing)} split (data_prep.py --splits left it "
+                         f"out: it is for evaluation); train on a dataset made with --splits train val test")
     clip, reward = resolve_clips(cfg, meta, meta.get("dataset", "folder"), reward_images=stage == 2 or cfg.stage == 0)
     clip_info = {k: clip[k] for k in ("name", "weights", "normalized")}  # what a checkpoint records
     reward_info = {k: reward[k] for k in ("name", "weights")}
-    feats = layout.load_features(clip["features"]["train"])
+    n_train = len(pool.MappedFeatures(clip["features"]["train"]))  # its header: nothing is loaded yet
     # own folders: captioned train images come first, the uncaptioned ones are always unlabeled
-    labeled_idx, unlabeled_idx = layout.labeled_split(len(feats), cfg.labeled_fraction, cfg.seed,
+    labeled_idx, unlabeled_idx = layout.labeled_split(n_train, cfg.labeled_fraction, cfg.seed,
                                                       meta.get("train_captioned"))
-    split = dict(labeled_fraction=cfg.labeled_fraction, seed=cfg.seed, n_train=len(feats),
+    split = dict(labeled_fraction=cfg.labeled_fraction, seed=cfg.seed, n_train=n_train,
                  n_captioned=meta.get("train_captioned"), n_labeled=len(labeled_idx))
-    if not (labeled_idx if stage == 1 else unlabeled_idx):
+    pools = cfg.unlabeled_pool if stage == 2 else []
+    if not (labeled_idx if stage == 1 else unlabeled_idx or pools):
         raise SystemExit(f"error: stage {stage} needs {'captioned' if stage == 1 else 'unlabeled'} train images "
                          f"and {cfg.data_dir} leaves none at --labeled_fraction {cfg.labeled_fraction}")
     if stage == 1:
         records = layout.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))
+        feats = layout.load_features(clip["features"]["train"])
         train_set = layout.Captioned(feats[labeled_idx], [records[i]["captions"] for i in labeled_idx])
         if not all(train_set.captions):
             raise SystemExit(f"error: {cfg.data_dir}/train has uncaptioned images before meta.json's "
                              f"train_captioned; re-run data_prep.py")
+    elif pools:  # the train split's unlabeled rows and the pools' rows, memory-mapped, no captions
+        train_set, pools = pool.stage2_pool(cfg.data_dir, clip["features"]["train"], unlabeled_idx, pools,
+                                            clip_info, reward_info)
     else:
-        reward_feats = layout.load_features(reward["features"]["train"])
+        feats, reward_feats = (layout.load_features(f["features"]["train"]) for f in (clip, reward))
         train_set = layout.Unlabeled(feats[unlabeled_idx], reward_feats[unlabeled_idx])  # no captions at all
     val_dir = os.path.join(cfg.data_dir, "val")
     val = layout.Captioned(layout.load_features(clip["features"]["val"]),
                            [r["captions"] for r in layout.read_jsonl(os.path.join(val_dir, "captions.jsonl"))],
                            layout.load_features(reward["features"]["val"]) if "val" in reward["features"] else None)
-    return meta, clip_info, reward_info, train_set, val, split
+    return meta, clip_info, reward_info, train_set, val, split, pools
 
 
 # -----------------------------------------------------------------------------
@@ -195,11 +209,11 @@ def train_stage(cfg, stage, system):
     path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
     keep_best = cfg.keep_best and stage == 1  # stage 2's val reward is its own reward: choosing by it would hack
     last_path = os.path.join(cfg.out_dir, "stage1.last.pt") if keep_best else path  # --resume reads this one
-    meta, clip_info, reward_info, train_set, val, split = load_data(cfg, stage)
+    meta, clip_info, reward_info, train_set, val, split, pools = together(system.ddp, load_data, cfg, stage)
     if stage == 1:
-        (model, tok), reference, start = new_model(cfg, meta, train_set.features.size(1)), None, ""
+        (model, tok), reference, start = new_model(cfg, meta, val.features.size(1)), None, ""
     else:
-        model, reference, tok, start = stage1_model(cfg, clip_info, split, device, master)
+        model, reference, tok, start = together(system.ddp, stage1_model, cfg, clip_info, split, device, master)
     model.to(device)
     reward_clip = CLIPEncoder(reward_info["name"], reward_info["weights"], device=device)  # scores sampled captions
     iters, peak_lr, warmup = ((cfg.max_iters, cfg.lr, cfg.warmup_iters) if stage == 1 else
@@ -233,7 +247,7 @@ def train_stage(cfg, stage, system):
                 save_checkpoint(last_path, model, config=asdict(cfg), clip=clip_info, reward_clip=reward_info,
                                 tokenizer=tok.describe(),
                                 stage=stage, step=step, optimizer=optimizer.state_dict(), generator=gen.get_state(),
-                                torch_rng=torch.get_rng_state(), init_from=start, split=split, best=best)
+                                torch_rng=torch.get_rng_state(), init_from=start, split=split, best=best, pools=pools)
             if keep_best and improved:  # the best is a copy of the last, taken when it was the best
                 layout.atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
                 print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
@@ -244,13 +258,16 @@ def train_stage(cfg, stage, system):
         lr = lr_at(step, iters, peak_lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        def micro_step():  # under DDP, a NaN or an error on any rank stops every rank (together)
+            loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint "
+                                 f"is {last_path}. Lower --lr or --stage2_lr and resume with --resume")
+            return loss, stats
         for micro in range(cfg.grad_accum):
             last = micro == cfg.grad_accum - 1
             with forward.no_sync() if system.ddp and not last else nullcontext():  # DDP syncs on the last
-                loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint "
-                                     f"is {last_path}. Lower --lr or --stage2_lr and resume with --resume")
+                loss, stats = together(system.ddp, micro_step)
                 (loss / cfg.grad_accum).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -293,7 +310,8 @@ def stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen,
     """One micro-batch of the stage's objective: (loss, stats). `clip` is the reward CLIP;
     `forward` is `model` as trained (DDP- and/or compile-wrapped); losses.py says why both are passed."""
     batch_size = cfg.batch_size if stage == 1 else cfg.stage2_batch_size
-    feats, scored_by = layout.get_batch(train_set, batch_size, gen, system.device)  # captions, or reward features
+    feats, scored_by = (train_set.batch(batch_size, gen, system.device) if isinstance(train_set, pool.UnlabeledPool)
+                        else layout.get_batch(train_set, batch_size, gen, system.device))  # captions, or reward features
     common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, baseline_kind=cfg.baseline,
                   generator=gen, forward=forward, autocast=system.autocast())
     if stage == 1:

@@ -41,21 +41,27 @@ def load_image(path):
         raise ImageError(f"{path}: is a folder, not an image")
     if os.path.getsize(path) == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
+    return decode_image(path, path)
+
+
+def decode_image(source, name):
+    """An upright RGB PIL image from a path or a file object (a tar member's bytes in io.BytesIO), or
+    ImageError whose message starts with `name`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just warn
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.seek(0)  # the first frame of a GIF or other animation
                 im = ImageOps.exif_transpose(im)  # honour the camera's rotation tag
                 im.load()  # decode now, so that a truncated file fails here
                 return _to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: too many pixels (over {Image.MAX_IMAGE_PIXELS}), refused as a possible "
+        raise ImageError(f"{name}: too many pixels (over {Image.MAX_IMAGE_PIXELS}), refused as a possible "
                          f"decompression bomb; resize it first") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+        raise ImageError(f"{name}: not an image PIL can read (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
 
 
 def find_images(paths):

@@ -260,7 +260,7 @@ def read_folder(cfg):
             "test": [record(p) for p in test]}
 
 
-def _abs_if_path(p):
+def abs_if_path(p):
     """Local files and folders are recorded by absolute path, names ('gpt2', 'openai') as they are."""
     return os.path.abspath(p) if p and os.path.exists(p) else p
 
@@ -274,7 +274,7 @@ def prepare(cfg):
         if s not in ("train", "val", "test"):
             raise SystemExit(f"error: unknown split {s!r} in --splits; use train, val, test")
     meta_path = os.path.join(cfg.data_dir, "meta.json")
-    clip_name, clip_weights = _abs_if_path(cfg.clip), _abs_if_path(cfg.clip_weights)
+    clip_name, clip_weights = abs_if_path(cfg.clip), abs_if_path(cfg.clip_weights)
     old = layout.read_json(meta_path) if os.path.exists(meta_path) else {}
     if old and (old.get("clip"), old.get("clip_weights")) != (clip_name, clip_weights):
         raise SystemExit(f"error: {cfg.data_dir} holds features of CLIP {old.get('clip')} ({old.get('clip_weights')}); "
@@ -282,12 +282,12 @@ def prepare(cfg):
     records = read_karpathy(cfg) if cfg.dataset == "coco" else read_folder(cfg)
     device = pick_device(cfg.device)
     clip = LazyCLIP(clip_name, clip_weights, device)
-    eval_clip = LazyCLIP(_abs_if_path(cfg.eval_clip), _abs_if_path(cfg.eval_clip_weights), device)
+    eval_clip = LazyCLIP(abs_if_path(cfg.eval_clip), abs_if_path(cfg.eval_clip_weights), device)
     if eval_clip.id == clip.id:
         eval_clip = clip  # one model, loaded once
     reward_clip = None  # by default the captioner's CLIP scores its captions: no features to add
     if cfg.reward_clip:
-        reward_clip = LazyCLIP(_abs_if_path(cfg.reward_clip), _abs_if_path(cfg.reward_clip_weights), device)
+        reward_clip = LazyCLIP(abs_if_path(cfg.reward_clip), abs_if_path(cfg.reward_clip_weights), device)
         reward_clip = None if reward_clip.id == clip.id else eval_clip if reward_clip.id == eval_clip.id else reward_clip
     counts, skipped = dict(old.get("splits", {})), dict(old.get("skipped", {}))
     meta = dict(old)
@@ -301,7 +301,7 @@ def prepare(cfg):
         if split == "train":
             meta["train_captioned"] = sum(1 for r in kept if r["captions"])
     meta.update(dataset=cfg.dataset, splits=counts, skipped=skipped, clip=clip_name, clip_weights=clip_weights,
-                eval_clip=eval_clip.name, eval_clip_weights=eval_clip.weights, gpt=_abs_if_path(cfg.gpt),
+                eval_clip=eval_clip.name, eval_clip_weights=eval_clip.weights, gpt=abs_if_path(cfg.gpt),
                 features_normalized=True)
     layout.write_json(meta_path, meta)
     print(f"\n{cfg.dataset} in {cfg.data_dir}: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " images"

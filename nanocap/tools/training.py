@@ -1,12 +1,13 @@
 """
 Small helpers that training needs and that would only clutter train.py: the device (and the DDP
-process group), the AdamW parameter groups (one weight-decay rule for the captioner and the toy
+process group), one rank's failure stopping every rank (together), the AdamW parameter groups (one weight-decay rule for the captioner and the toy
 CLIPs and GPT), the learning-rate schedule, and the training log with its plot.
 """
 
 import json
 import math
 import os
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -61,6 +62,43 @@ def setup_system(device="auto", dtype="auto"):
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return System(ddp, rank, device, dtype)
+
+
+def agree(error):
+    """Every rank calls this at the same point with its error message, or None. If any rank failed,
+    every rank stops: rank 0 prints the first failure as one line, naming its rank, and all exit
+    with status 1; a rank that exits alone would leave the others waiting on their next collective
+    until it times out. One all_reduce when all is well; the messages are gathered only on failure."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(failed)  # the number of ranks that failed
+    if failed.item() == 0:
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    first, why = next((r, e) for r, e in enumerate(errors) if e is not None)
+    why = why.removeprefix("error: ")
+    raise SystemExit(f"error: rank {first} of {len(errors)}: {why}" if rank == 0 else 1)
+
+
+def together(ddp, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank, stopping every rank if it fails on any (agree). A one-line
+    error (SystemExit) travels as it is; another exception, a bug, also prints its traceback on the
+    rank where it happened. Without DDP, fn runs as it is."""
+    if not ddp:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except SystemExit as e:
+        error = str(e.code) if e.code not in (None, 0) else None
+    except Exception as e:
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+    agree(error)
+    return result
 
 
 def param_groups(model, weight_decay):

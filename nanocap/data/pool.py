@@ -1,0 +1,134 @@
+"""
+Stage 2's unlabeled pool, read memory-mapped, so that memory does not grow with the pool.
+
+Stage 2 of Jin (arXiv 2306.15111) needs nothing of an unlabeled image but its CLIP features: the
+prefix and the CLIP-S reward both start from them. So a pool can be as large as a disk holds (CC3M,
+CC12M, a crawl) if a step reads only the rows it draws. With `train.py --unlabeled_pool DIR ...`
+stage 2 draws its images uniformly from the union of
+
+  - the train split's unlabeled images: rows of <data_dir>/train/features.safetensors that the
+    labeled split left out (layout.labeled_split), and
+  - each extra pool DIR made by `data_prep.py --dataset webdataset` (nanocap/data/webpool.py):
+    DIR/meta.json lists its feature shards DIR/pool/NNNNN.safetensors, (n_i, D) float16 each.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (each tensor's dtype,
+shape and byte range) and the raw bytes. MappedFeatures maps the bytes of "features" with np.memmap;
+indexing it reads just the rows asked for, through the page cache, and nothing is loaded up front.
+Each rank draws its own rows with its own generator. Like layout.Unlabeled, a pool has no captions.
+Without --unlabeled_pool, stage 2 keeps the train split's unlabeled rows in memory (layout.Unlabeled),
+as it always has, so runs made before pools existed replay exactly.
+"""
+
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+
+from nanocap.data import layout
+
+
+class MappedFeatures:
+    """The (N, D) float16 "features" tensor of a safetensors file, memory-mapped, and its header."""
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]  # the JSON header's length in bytes
+            header = json.loads(f.read(n))
+        info = header["features"]  # {"dtype": "F16", "shape": [N, D], "data_offsets": [begin, end]}
+        if info["dtype"] != "F16" or len(info["shape"]) != 2:
+            raise ValueError(f"{path}: features are {info['dtype']} {info['shape']}, not (N, D) float16")
+        self.path, self.meta, self.shape = path, header.get("__metadata__", {}), tuple(info["shape"])
+        begin = 8 + n + info["data_offsets"][0]
+        # an empty tensor cannot be mapped (every image of a tar unreadable): no rows, nothing to read
+        self.rows = (np.memmap(path, dtype=np.float16, mode="r", offset=begin, shape=self.shape)
+                     if self.shape[0] else np.zeros(self.shape, np.float16))
+
+    def __len__(self):
+        return self.shape[0]
+
+
+def read_pool(pool_dir):
+    """(meta, [MappedFeatures]) of a pool made by data_prep.py --dataset webdataset, or one line
+    that says what is wrong."""
+    meta_path = os.path.join(pool_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"error: --unlabeled_pool {pool_dir} has no meta.json; make it with `python data_prep.py "
+                         f"--dataset webdataset --shards ... --data_dir {pool_dir}` (a killed run: run it again)")
+    meta = layout.read_json(meta_path)
+    if meta.get("dataset") != "webdataset":
+        raise SystemExit(f"error: --unlabeled_pool {pool_dir} is a {meta.get('dataset')} dataset, not a pool; pools "
+                         f"come from data_prep.py --dataset webdataset (a dataset's own unlabeled images are always used)")
+    shards = [MappedFeatures(os.path.join(pool_dir, s["features"])) for s in meta["pool"]]
+    return meta, shards
+
+
+class UnlabeledPool:
+    """Unlabeled rows from several memory-mapped sources, drawn without loading them. A source is
+    (MappedFeatures, row indices or None for all rows). No captions: reading them raises."""
+
+    def __init__(self, sources):
+        self.sources = [(m, None if idx is None else np.asarray(idx, dtype=np.int64)) for m, idx in sources]
+        sizes = [len(m) if idx is None else len(idx) for m, idx in self.sources]
+        self.starts = np.cumsum([0] + sizes)  # (S+1,): source s holds pool rows starts[s] .. starts[s+1]-1
+        self.dim = self.sources[0][0].shape[1]
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    @property
+    def captions(self):
+        raise RuntimeError("stage 2 must never read the captions of unlabeled images")
+
+    def rows(self, pick):
+        """(B, D) float32 features of pool rows `pick` (B,) int64, in that order."""
+        out = np.empty((len(pick), self.dim), dtype=np.float16)
+        source = np.searchsorted(self.starts, pick, side="right") - 1  # (B,) which source holds each row
+        for s in np.unique(source):
+            here = source == s
+            mapped, idx = self.sources[s]
+            local = pick[here] - self.starts[s]
+            out[here] = mapped.rows[local if idx is None else idx[local]]  # reads only these rows
+        return torch.from_numpy(out).float()
+
+    def batch(self, batch_size, generator, device="cpu"):
+        """B = min(batch_size, len) distinct rows drawn uniformly by generator (on `device`), in
+        O(B) time and memory whatever the pool's size: (features (B, D), features (B, D)), the
+        second as what the reward CLIP scores (the pool's CLIP is the reward CLIP)."""
+        n, B = len(self), min(batch_size, len(self))
+        pick = []
+        while len(pick) < B:  # redraw the rare repeats: randperm(n) would cost O(n) every step
+            for i in torch.randint(n, (B,), generator=generator, device=device).tolist():
+                if i not in pick and len(pick) < B:
+                    pick.append(i)
+        feats = self.rows(np.array(pick, dtype=np.int64)).to(device)
+        return feats, feats
+
+
+def stage2_pool(data_dir, train_features, unlabeled_idx, pool_dirs, clip_info, reward_info):
+    """The UnlabeledPool of the train split's unlabeled rows plus the pools in pool_dirs, and what a
+    checkpoint records of each pool. A pool of another CLIP, or another reward CLIP, is refused in
+    one line: its rows would mean nothing to the mapper, or to the reward."""
+    train = MappedFeatures(train_features)
+    sources, seen = [(train, unlabeled_idx)], []
+    same = layout.same_clip
+    if not (same(reward_info["name"], clip_info["name"]) and same(reward_info["weights"], clip_info["weights"])):
+        raise SystemExit(f"error: --unlabeled_pool holds features of the captioner's CLIP only; stage 2 with "
+                         f"--reward_clip {reward_info['name']} cannot score them: drop one of the two")
+    for pool_dir in pool_dirs:
+        meta, shards = read_pool(pool_dir)
+        clip, weights = (layout.in_data_dir(pool_dir, meta[k]) for k in ("clip", "clip_weights"))
+        if not (same(clip, clip_info["name"]) and same(weights, clip_info["weights"])):
+            raise SystemExit(f"error: --unlabeled_pool {pool_dir} holds features of CLIP {clip} ({weights}), but "
+                             f"{data_dir} holds features of CLIP {clip_info['name']} ({clip_info['weights']}); "
+                             f"make the pool with `data_prep.py --dataset webdataset --clip ... --clip_weights ...` "
+                             f"as the dataset's")
+        for m in shards:
+            if m.shape[1] != train.shape[1]:
+                raise SystemExit(f"error: {m.path} has {m.shape[1]}-dimensional features, {data_dir} "
+                                 f"{train.shape[1]}-dimensional; make the pool again with the dataset's CLIP")
+        sources += [(m, None) for m in shards if len(m)]
+        seen.append(dict(dir=os.path.abspath(pool_dir), rows=sum(len(m) for m in shards), shards=len(shards),
+                         source=meta["shards"]))
+    return UnlabeledPool(sources), seen

@@ -307,6 +307,11 @@ def main(argv=None):
         cfg.eval_clip = cfg.eval_clip or cfg.clip
         cfg.eval_clip_weights = cfg.eval_clip_weights or (cfg.clip_weights if cfg.eval_clip == cfg.clip else "openai")
         cfg.reward_clip_weights = cfg.reward_clip_weights or ("openai" if cfg.reward_clip else "")
+    if dataset != "webdataset" and int(os.environ.get("RANK", -1)) != -1:
+        raise SystemExit(f"error: only --dataset webdataset splits its work between torchrun's ranks; make a "
+                         f"{dataset} dataset with `python data_prep.py --dataset {dataset} ...` in one process")
+    if dataset == "webdataset" and cfg.grid:
+        raise SystemExit("error: --grid draws a dataset's train images and captions; a pool has neither")
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, once
         print_config(cfg)
     if cfg.grid:

@@ -37,7 +37,7 @@ from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.checks import check_checkpoint, check_split, resolve_clips
+from nanocap.tools.checks import check_checkpoint, check_split, check_splits, resolve_clips
 from nanocap.tools.cli import parse_config, print_config
 from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, plot_log, restart_log, setup_system, together
 
@@ -120,10 +120,7 @@ def load_data(cfg, stage):
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         raise SystemExit(f"error: no dataset in {cfg.data_dir} (no meta.json); make one with data_prep.py first")
     meta = layout.read_json(os.path.join(cfg.data_dir, "meta.json"))
-    missing = [s for s in ("train", "val") if s not in meta.get("splits", {"train": 0, "val": 0})]
-    if missing:
-        raise SystemExit(f"error: {cfg.data_dir} has no {' or '.join(missing)} split (data_prep.py --splits left it "
-                         f"out: it is for evaluation); train on a dataset made with --splits train val test")
+    check_splits(cfg.data_dir, meta)
     clip, reward = resolve_clips(cfg, meta, meta.get("dataset", "folder"), reward_images=stage == 2 or cfg.stage == 0)
     clip_info = {k: clip[k] for k in ("name", "weights", "normalized")}  # what a checkpoint records
     reward_info = {k: reward[k] for k in ("name", "weights")}
@@ -229,8 +226,9 @@ def train_stage(cfg, stage, system):
     if master:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
+        where = f" (the train split's and {len(pools)} pool folder(s)'s)" if pools else ""
         print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {len(train_set)} "
-              f"{'labeled' if stage == 1 else 'unlabeled'} images; device {device}, {system.dtype}")
+              f"{'labeled' if stage == 1 else 'unlabeled'} images{where}; device {device}, {system.dtype}")
 
     model.train()
     t0 = time.time()

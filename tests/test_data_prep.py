@@ -3,6 +3,8 @@ import json
 import os
 import re
 
+import pytest
+
 import data_prep
 from nanocap.data import layout
 from tests.helpers import cli
@@ -32,17 +34,23 @@ def test_second_run_reuses_everything(tiny_shapes):
     assert {f: os.path.getmtime(f) for f in before} == before  # nothing re-rendered, retrained or re-encoded
 
 
-def test_each_dataset_has_its_own_flags():
-    coco = cli("data_prep.py", "--dataset", "coco", "-h").stdout
+def test_each_dataset_has_its_own_flags(capsys):
+    def usage(*argv):  # in this process: the command line is parsed before any work
+        with pytest.raises(SystemExit):
+            data_prep.main(list(argv))
+        return capsys.readouterr()
+    coco = usage("--dataset", "coco", "-h").out
     assert "--coco_root" in coco and "--clip_weights" in coco
     assert "--n_web" not in coco and "--clip_steps" not in coco and "--images" not in coco
-    folder = cli("data_prep.py", "--dataset", "folder", "-h").stdout
+    folder = usage("--dataset", "folder", "-h").out
     assert "--captions" in folder and "--coco_root" not in folder and "--lm_steps" not in folder
-    shapes = cli("data_prep.py", "-h").stdout
+    pool = usage("--dataset", "webdataset", "-h").out
+    assert "--shards" in pool and "--clip_weights" in pool and "--captions" not in pool and "--eval_clip" not in pool
+    shapes = usage("-h").out
     assert "--n_web" in shapes and "--clip" not in re.sub(r"--clip_(steps|lr|batch_size)", "", shapes)
     assert "--dataset coco -h" in shapes  # says where the other flags are
-    r = cli("data_prep.py", "--clip", "ViT-B-32")  # not a shapes-world flag: refused before any work
-    assert r.returncode != 0 and "unrecognized arguments: --clip" in r.stderr
+    err = usage("--clip", "ViT-B-32").err  # not a shapes-world flag: refused before any work
+    assert "unrecognized arguments: --clip" in err
 
 
 def test_compositional_clip_its_features_and_a_cell_of_the_2x2(tiny_shapes, tmp_path):

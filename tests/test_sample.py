@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import sample
 from nanocap.data.images import ImageError, load_image
 from nanocap.data.shapes import make_split, render
+from nanocap.tools.cli import parse_config
 
 from tests.helpers import cli
 
@@ -57,7 +59,7 @@ def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
     assert set(captions[0]) == {"image_id", "caption"} and len(captions) == 16
 
 
-def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run):
+def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run, capsys):
     grid = tmp_path / "cmp.png"
     ckpt = os.path.join(tiny_run, "stage1.pt")
     (tmp_path / "copy").mkdir()
@@ -72,10 +74,12 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run):
     assert sum("/stage1:" in l for l in lines) == 6  # two columns, three images
     assert sum(bool(re.search(r"\[\d+ true(; false: .+)?\]$", l)) for l in lines) == 6  # each claim checked
     assert Image.open(grid).format == "PNG"
-    r = sample_cli("--split", "test", "--compare", "2", "--ckpts", ckpt, ckpt)  # the same file twice: two columns
-    assert r.returncode == 0 and sum(l.strip().startswith("stage 1 (2):") for l in r.stdout.splitlines()) == 2
-    r = sample_cli("--split", "test", "--compare", "2", "--ckpts", str(tmp_path / "nope.pt"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    # the rest in this process (the command line above is the one a user types)
+    sample.main(parse_config(sample.Config, ["--split", "test", "--compare", "2", "--ckpts", ckpt, ckpt]))
+    out = capsys.readouterr().out  # the same file twice: two columns
+    assert sum(l.strip().startswith("stage 1 (2):") for l in out.splitlines()) == 2
+    with pytest.raises(SystemExit, match="^error: .*nope.pt"):  # one line, no traceback
+        sample.main(parse_config(sample.Config, ["--split", "test", "--compare", "2", "--ckpts", str(tmp_path / "nope.pt")]))
 
 
 def test_table_collects_score_files(tmp_path):

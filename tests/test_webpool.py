@@ -6,6 +6,7 @@ never reading a caption; and the one-line errors."""
 import builtins
 import io
 import json
+import mmap
 import os
 import socket
 
@@ -21,7 +22,7 @@ import data_prep
 import train
 from nanocap.captioner import read_checkpoint
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.data import layout, pool
+from nanocap.data import layout, pool, webpool
 from nanocap.data.shapes import make_split, render
 
 from tests.helpers import cli
@@ -77,6 +78,11 @@ def test_pool_from_tars_skips_the_unreadable_and_keeps_captions(tmp_path, tiny_s
     want = clip.encode_image(torch.stack(images)).half()
     got = load_file(tmp_path / "pool" / "pool" / "00000.safetensors")["features"]
     assert torch.allclose(got.float(), want.float(), atol=2e-3)
+    # DataLoader workers decode samples in turn, and the loader hands them back in the tar's order
+    tar = str(tmp_path / "tars" / "00001.tar")
+    feats, rows, skipped = webpool.encode_tar(clip, tar, 3, 0, False)
+    feats2, rows2, skipped2 = webpool.encode_tar(clip, tar, 3, 2, False)
+    assert rows2 == rows and skipped2 == skipped and torch.allclose(feats2, feats, atol=1e-6)
 
 
 def torchrun_prep(args, nproc=2):
@@ -143,7 +149,7 @@ def test_pool_rows_are_drawn_distinct_and_memory_mapped(tmp_path):
     layout.save_features(tmp_path / "a.safetensors", feats[:30])
     layout.save_features(tmp_path / "b.safetensors", feats[30:])
     a, b = pool.MappedFeatures(str(tmp_path / "a.safetensors")), pool.MappedFeatures(str(tmp_path / "b.safetensors"))
-    assert isinstance(a.rows, np.memmap)
+    assert isinstance(a.map, mmap.mmap) and not a.rows.flags.owndata  # a view of the mapped file
     p = pool.UnlabeledPool([(a, [1, 5, 7]), (b, None)])  # 3 rows of a, all 10 of b
     assert len(p) == 13
     assert torch.equal(p.rows(np.array([0, 2, 3, 12])), feats[[1, 7, 30, 39]])

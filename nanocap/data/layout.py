@@ -13,7 +13,8 @@ The on-disk dataset layout that every source shares: the shapes world, COCO, and
                                        reward CLIP's (train.py --reward_clip), the compositional
                                        CLIP's; each file's header names its CLIP (find_features)
 
-An image without captions (`"captions": []`) can only serve as unlabeled data. In train, such
+An unlabeled web pool (data_prep.py --dataset webdataset) has a layout of its own, features only:
+nanocap/data/webpool.py. An image without captions (`"captions": []`) can only serve as unlabeled data. In train, such
 images come after all captioned ones, and meta["train_captioned"] says how many captioned ones
 there are (absent: all), so stage 2 knows its pool without reading a caption. Paths in meta.json
 are relative to the dataset folder, absolute, or names (gpt2, ViT-B-32-quickgelu, openai).

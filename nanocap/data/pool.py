@@ -12,14 +12,16 @@ stage 2 draws its images uniformly from the union of
     DIR/meta.json lists its feature shards DIR/pool/NNNNN.safetensors, (n_i, D) float16 each.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (each tensor's dtype,
-shape and byte range) and the raw bytes. MappedFeatures maps the bytes of "features" with np.memmap;
-indexing it reads just the rows asked for, through the page cache, and nothing is loaded up front.
+shape and byte range) and the raw bytes. MappedFeatures maps the file (mmap) and views the bytes of
+"features" as an (N, D) array; indexing it reads just the rows asked for, through the page cache,
+nothing is loaded up front, and after each read the pages are let go of again (MADV_DONTNEED).
 Each rank draws its own rows with its own generator. Like layout.Unlabeled, a pool has no captions.
 Without --unlabeled_pool, stage 2 keeps the train split's unlabeled rows in memory (layout.Unlabeled),
 as it always has, so runs made before pools existed replay exactly.
 """
 
 import json
+import mmap
 import os
 import struct
 
@@ -36,17 +38,26 @@ class MappedFeatures:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]  # the JSON header's length in bytes
             header = json.loads(f.read(n))
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the whole file; nothing is read yet
         info = header["features"]  # {"dtype": "F16", "shape": [N, D], "data_offsets": [begin, end]}
         if info["dtype"] != "F16" or len(info["shape"]) != 2:
             raise ValueError(f"{path}: features are {info['dtype']} {info['shape']}, not (N, D) float16")
         self.path, self.meta, self.shape = path, header.get("__metadata__", {}), tuple(info["shape"])
-        begin = 8 + n + info["data_offsets"][0]
-        # an empty tensor cannot be mapped (every image of a tar unreadable): no rows, nothing to read
-        self.rows = (np.memmap(path, dtype=np.float16, mode="r", offset=begin, shape=self.shape)
-                     if self.shape[0] else np.zeros(self.shape, np.float16))
+        self.rows = np.frombuffer(self.map, dtype=np.float16, count=self.shape[0] * self.shape[1],
+                                  offset=8 + n + info["data_offsets"][0]).reshape(self.shape)  # (N, D), on disk
 
     def __len__(self):
         return self.shape[0]
+
+    def read(self, idx):
+        """(len(idx), D) float16 copy of rows idx. Then the mapping lets go of the pages it touched:
+        they stay in the kernel's page cache, but not in this process's resident memory, which
+        would otherwise grow over a long run towards the size of the pool (a touched row can bring
+        in a large folio, a megabyte or more, with it)."""
+        out = self.rows[idx]
+        if hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS
+            self.map.madvise(mmap.MADV_DONTNEED)
+        return out
 
 
 def read_pool(pool_dir):
@@ -89,7 +100,7 @@ class UnlabeledPool:
             here = source == s
             mapped, idx = self.sources[s]
             local = pick[here] - self.starts[s]
-            out[here] = mapped.rows[local if idx is None else idx[local]]  # reads only these rows
+            out[here] = mapped.read(local if idx is None else idx[local])  # reads only these rows
         return torch.from_numpy(out).float()
 
     def batch(self, batch_size, generator, device="cpu"):

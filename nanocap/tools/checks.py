@@ -4,7 +4,8 @@ Checks that turn a user's mistake in train.py's flags into one line that says wh
 A checkpoint continued (stage 2, --resume) must come from this dataset's CLIP features and,
 when resuming, describe the same model; stage 2's unlabeled pool must be the complement of the
 labeled split its stage-1 checkpoint learned from (Jin, arXiv 2306.15111: stage 2 never sees a
-caption of its images); --clip and --reward_clip must name CLIPs whose features the dataset holds.
+caption of its images); --clip and --reward_clip must name CLIPs whose features the dataset holds;
+and the dataset must have the splits that training reads.
 """
 
 import os
@@ -45,6 +46,14 @@ def check_split(path, ckpt, split):
     if "n_train" in theirs and theirs["n_train"] != split["n_train"]:
         raise SystemExit(f"error: {path} was trained on a dataset of {theirs['n_train']} train images, {split['n_train']} "
                          f"here; pass the --data_dir it was trained on")
+
+
+def check_splits(data_dir, meta):
+    """Training needs the train and val splits; a folder made for evaluation only has neither."""
+    missing = [s for s in ("train", "val") if s not in meta.get("splits", {"train": 0, "val": 0})]
+    if missing:
+        raise SystemExit(f"error: {data_dir} has no {' or '.join(missing)} split (data_prep.py --splits left it "
+                         f"out: it is for evaluation); train on a dataset made with --splits train val test")
 
 
 def resolve_clips(cfg, meta, dataset, reward_images):

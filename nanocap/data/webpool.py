@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import tarfile
 import time
 
 import torch
@@ -127,12 +128,14 @@ def encode_shard(cfg, clip, tar, i, show):
     if shard_header(path).get("source") == tar_source(clip, tar):
         return 0
     if not os.path.isfile(tar) and "://" not in tar and not tar.startswith("pipe:"):
-        raise SystemExit(f"error: {tar}: no such tar; check --shards (it names {i + 1} or more tars)")
+        raise SystemExit(f"error: {tar}: no such file; check the paths in --shards")
+    encoder = clip.get()
     try:
-        feats, rows, skipped = encode_tar(clip.get(), tar, cfg.batch_size, cfg.num_workers, show)
-    except Exception as e:  # a truncated or corrupt tar; webdataset and tarfile raise several kinds
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"error: {tar}: not a readable webdataset tar ({type(e).__name__}: {first}); "
+        feats, rows, skipped = encode_tar(encoder, tar, cfg.batch_size, cfg.num_workers, show)
+    except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or corrupt tar (tarfile: "empty header", ...)
+        why = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        why = (why.strip().splitlines() or ["?"])[0]  # DataLoader workers add their traceback below
+        raise SystemExit(f"error: {tar}: not a readable webdataset tar ({type(e).__name__}: {why}); "
                          f"replace it, or leave it out of --shards")
     skipped = [f"{tar}: {why}" for why in skipped]
     layout.write_jsonl(path.replace(".safetensors", ".jsonl"), rows)  # before the shard: its presence means done

@@ -142,4 +142,7 @@ def stage2_pool(data_dir, train_features, unlabeled_idx, pool_dirs, clip_info, r
         sources += [(m, None) for m in shards if len(m)]
         seen.append(dict(dir=os.path.abspath(pool_dir), rows=sum(len(m) for m in shards), shards=len(shards),
                          source=meta["shards"]))
+    if not any(len(m) if idx is None else len(idx) for m, idx in sources):
+        raise SystemExit(f"error: stage 2 has no unlabeled image to draw: {data_dir} leaves none unlabeled and the "
+                         f"pools hold no rows (every image of their tars was unreadable: see their pool/skipped.txt)")
     return UnlabeledPool(sources), seen

@@ -37,7 +37,7 @@ from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.checks import check_checkpoint, check_split, check_splits, resolve_clips
+from nanocap.tools.checks import check_checkpoint, check_pools, check_split, check_splits, resolve_clips
 from nanocap.tools.cli import parse_config, print_config
 from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, plot_log, restart_log, setup_system, together
 
@@ -134,6 +134,9 @@ def load_data(cfg, stage):
     if not (labeled_idx if stage == 1 else unlabeled_idx or pools):
         raise SystemExit(f"error: stage {stage} needs {'captioned' if stage == 1 else 'unlabeled'} train images "
                          f"and {cfg.data_dir} leaves none at --labeled_fraction {cfg.labeled_fraction}")
+    if cfg.unlabeled_pool and (stage == 2 or cfg.stage == 0):  # both stages: stage 1 checks the pools first
+        pool_set, seen = pool.stage2_pool(cfg.data_dir, clip["features"]["train"], unlabeled_idx,
+                                          cfg.unlabeled_pool, clip_info, reward_info)
     if stage == 1:
         records = layout.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))
         feats = layout.load_features(clip["features"]["train"])
@@ -142,8 +145,7 @@ def load_data(cfg, stage):
             raise SystemExit(f"error: {cfg.data_dir}/train has uncaptioned images before meta.json's "
                              f"train_captioned; re-run data_prep.py")
     elif pools:  # the train split's unlabeled rows and the pools' rows, memory-mapped, no captions
-        train_set, pools = pool.stage2_pool(cfg.data_dir, clip["features"]["train"], unlabeled_idx, pools,
-                                            clip_info, reward_info)
+        train_set, pools = pool_set, seen
     else:
         feats, reward_feats = (layout.load_features(f["features"]["train"]) for f in (clip, reward))
         train_set = layout.Unlabeled(feats[unlabeled_idx], reward_feats[unlabeled_idx])  # no captions at all
@@ -218,7 +220,7 @@ def train_stage(cfg, stage, system):
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
     # --resume reads the last state; a run made before --keep_best has only stage1.pt
     resume_path = last_path if os.path.isfile(last_path) or not os.path.isfile(path) else path
-    step, best = resume_from(cfg, stage, resume_path, clip_info, model, optimizer, gen, master)
+    step, best = resume_from(cfg, stage, resume_path, clip_info, pools, model, optimizer, gen, master)
     if master and step == 0:
         restart_log(cfg.out_dir, stage)
     forward = torch.compile(model) if cfg.compile else model
@@ -226,7 +228,7 @@ def train_stage(cfg, stage, system):
     if master:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        where = f" (the train split's and {len(pools)} pool folder(s)'s)" if pools else ""
+        where = f" (train split + {len(pools)} pool(s))" if pools else ""
         print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {len(train_set)} "
               f"{'labeled' if stage == 1 else 'unlabeled'} images{where}; device {device}, {system.dtype}")
 
@@ -283,7 +285,7 @@ def train_stage(cfg, stage, system):
         print(f"saved {path}{kept} and {os.path.join(cfg.out_dir, f'stage{stage}.png')}")
 
 
-def resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master):
+def resume_from(cfg, stage, path, clip_info, pools, model, optimizer, gen, master):
     """With --resume, load the stage's last checkpoint into model, optimizer and generator, and
     return (its step, the best val loss so far) (step 0: start afresh). With both stages (no
     --stage), a stage without one starts afresh."""
@@ -295,6 +297,7 @@ def resume_from(cfg, stage, path, clip_info, model, optimizer, gen, master):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     check_checkpoint(cfg, path, ckpt, clip_info, model)
+    check_pools(path, ckpt, pools)
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     gen.set_state(ckpt["generator"])

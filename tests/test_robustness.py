@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 import train
 from nanocap import losses
 from nanocap.captioner import read_checkpoint
 from nanocap.data.shapes import make_split, render
+from nanocap.tools.cli import parse_config
 
 from tests.helpers import cli
 
@@ -41,10 +43,16 @@ def _bad_files(folder):
             "bomb": (folder / "bomb.png", "decompression bomb"), "unsupported": (folder / "vector.svg", "not an image")}
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated", "bomb", "unsupported"])
-def test_sample_bad_image_is_one_line(tmp_path, tiny_run, kind):
-    path, word = _bad_files(tmp_path / "bad")[kind]
+def test_sample_bad_image_is_one_line(tmp_path, tiny_run, capsys):
+    bad = _bad_files(tmp_path / "bad")
+    path, word = bad["truncated"]  # one through the command line: stderr holds that one line and nothing else
     assert_one_line_error(cli("sample.py", "--out_dir", tiny_run, "--image", str(path)), str(path), word)
+    for kind, (path, word) in bad.items():  # every kind, in this process: the same SystemExit line
+        with pytest.raises(SystemExit) as e:
+            sample.main(parse_config(sample.Config, ["--out_dir", tiny_run, "--image", str(path)]))
+        message = str(e.value.code)
+        assert message.startswith("error: ") and "\n" not in message and str(path) in message and word in message, kind
+        assert "Traceback" not in capsys.readouterr().err
 
 
 def test_sample_folder_without_images_is_one_line(tmp_path, tiny_run):

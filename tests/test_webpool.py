@@ -144,6 +144,9 @@ def test_stage2_on_dataset_plus_pool_never_reads_a_caption(tmp_path, tiny_shapes
     assert max(drawn) >= n_unlabeled  # the pool's rows were drawn, not only the dataset's
     ckpt = read_checkpoint(out / "stage2.pt")
     assert [(p["dir"], p["rows"], p["shards"]) for p in ckpt["pools"]] == [(os.path.abspath(pool_dir), 12, 2)]
+    with pytest.raises(SystemExit, match="drew from the pools"):  # --resume continues the same draws, or none
+        train.main(train.Config(stage=2, data_dir=tiny_shapes, out_dir=str(out), resume=True, stage2_iters=8,
+                                init_from=os.path.join(tiny_run, "stage1.pt")))
     with pytest.raises(RuntimeError, match="never read"):
         pool.UnlabeledPool([(pool.MappedFeatures(os.path.join(pool_dir, "pool", "00000.safetensors")), None)]).captions
 
@@ -178,6 +181,15 @@ def test_pool_errors_are_one_line(tmp_path, tiny_shapes, tiny_run):
         data_prep.main(prep_pool(tiny_shapes, shards, tiny_shapes))
     with pytest.raises(SystemExit, match="holds features of CLIP .*clip_eval.json"):  # one CLIP per pool
         data_prep.main(prep_pool(eval_pool, shards, tiny_shapes))
+    with pytest.raises(SystemExit, match="two tars called 00000.tar"):  # their shards would share a name
+        data_prep.main(prep_pool(str(tmp_path / "p3"), shards + "::" + shards.replace("tars", "tars2"), tiny_shapes))
+    with pytest.raises(SystemExit, match="is an unlabeled pool .* --unlabeled_pool"):
+        train.main(train.Config(stage=1, data_dir=eval_pool, out_dir=str(tmp_path / "out3")))
+    shard = os.path.join(eval_pool, "pool", "00000.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(200)  # cut inside its header
+    with pytest.raises(SystemExit, match="00000.safetensors is not a whole feature shard"):
+        train.main(train.Config(**kw, unlabeled_pool=[eval_pool]))
     with pytest.raises(SystemExit, match="00001.tar: no such file"):
         data_prep.main(prep_pool(str(tmp_path / "p2"), str(tmp_path / "tars" / "{00000..00001}.tar"), tiny_shapes))
     # a dataset made for evaluation only (data_prep.py --splits val test) has no train split

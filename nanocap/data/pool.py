@@ -71,8 +71,29 @@ def read_pool(pool_dir):
     if meta.get("dataset") != "webdataset":
         raise SystemExit(f"error: --unlabeled_pool {pool_dir} is a {meta.get('dataset')} dataset, not a pool; pools "
                          f"come from data_prep.py --dataset webdataset (a dataset's own unlabeled images are always used)")
-    shards = [MappedFeatures(os.path.join(pool_dir, s["features"])) for s in meta["pool"]]
+    more_open_files(len(meta["pool"]))
+    shards = []
+    for shard in meta["pool"]:
+        path = os.path.join(pool_dir, shard["features"])
+        try:
+            shards.append(MappedFeatures(path))
+        except (OSError, ValueError, KeyError, struct.error) as e:  # missing, truncated, not features
+            raise SystemExit(f"error: {path} is not a whole feature shard ({type(e).__name__}: {e}); run the "
+                             f"data_prep.py --dataset webdataset command of {pool_dir} again (it redoes what is missing)")
     return meta, shards
+
+
+def more_open_files(n):
+    """Each mapped shard holds an open file (CPython's mmap keeps a handle): CC12M's 1,240 tars alone
+    pass the usual limit of 1,024 open files, so raise the soft limit towards the hard one."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 1024  # and room for everything else
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 class UnlabeledPool:
@@ -127,7 +148,7 @@ def stage2_pool(data_dir, train_features, unlabeled_idx, pool_dirs, clip_info, r
     if not (same(reward_info["name"], clip_info["name"]) and same(reward_info["weights"], clip_info["weights"])):
         raise SystemExit(f"error: --unlabeled_pool holds features of the captioner's CLIP only; stage 2 with "
                          f"--reward_clip {reward_info['name']} cannot score them: drop one of the two")
-    for pool_dir in pool_dirs:
+    for pool_dir in dict.fromkeys(os.path.abspath(d) for d in pool_dirs):  # each folder once
         meta, shards = read_pool(pool_dir)
         clip, weights = (layout.in_data_dir(pool_dir, meta[k]) for k in ("clip", "clip_weights"))
         if not (same(clip, clip_info["name"]) and same(weights, clip_info["weights"])):

@@ -276,6 +276,8 @@ def prepare(cfg):
     meta_path = os.path.join(cfg.data_dir, "meta.json")
     clip_name, clip_weights = abs_if_path(cfg.clip), abs_if_path(cfg.clip_weights)
     old = layout.read_json(meta_path) if os.path.exists(meta_path) else {}
+    if old.get("dataset") == "webdataset":
+        raise SystemExit(f"error: {cfg.data_dir} holds an unlabeled pool; give the {cfg.dataset} dataset a folder of its own")
     if old and (old.get("clip"), old.get("clip_weights")) != (clip_name, clip_weights):
         raise SystemExit(f"error: {cfg.data_dir} holds features of CLIP {old.get('clip')} ({old.get('clip_weights')}); "
                          f"use another --data_dir for {clip_name} ({clip_weights})")

@@ -12,7 +12,7 @@ feature shard:
 
     data/cc3m/meta.json                 the index, written by rank 0 once every rank has finished:
                                         the CLIP, and per tar its feature shard, rows and skips
-    data/cc3m/pool/NNNNN.safetensors    (n, D) float16 features of tar NNNNN's readable images, in the
+    data/cc3m/pool/NNNNN.safetensors    (n, D) float16 features of NNNNN.tar's readable images, in the
                                         tar's order; the header names the CLIP, the tar, its skips
     data/cc3m/pool/NNNNN.jsonl          {"key", "caption"} of each row: the txt (or json "caption")
                                         member, kept for you; training never reads it
@@ -22,7 +22,12 @@ The tars are dealt to ranks in turn (tar i to rank i mod world size) and done in
 rank. After each round the ranks agree whether any failed (tools.training.together): an unreadable
 tar, or any error, on one rank stops all of them with one line. A feature shard whose header names
 the same CLIP and tar is kept, so a killed run, with any number of ranks, resumes at the tars it had
-not finished; the atomic writes (layout.atomic_write) leave no half-written shard behind.
+not finished; the atomic writes (layout.atomic_write) leave no half-written shard behind. A shard is
+named after its tar, so a tar dropped from --shards leaves the others' shards valid.
+
+With --num_workers W, each DataLoader worker reads the whole tar and decodes every W-th sample: W
+reads of a local file (from the page cache after the first), which keeps the order of the tar
+without a home-made reader; for tars behind a URL or pipe:, use --num_workers 1 or copy them first.
 """
 
 import hashlib
@@ -121,12 +126,18 @@ def shard_header(path):
         return f.metadata() or {}
 
 
-def encode_shard(cfg, clip, tar, i, show):
-    """Tar i -> pool/NNNNN.safetensors (+ .jsonl), unless a shard of the same CLIP and tar exists.
-    Returns the number of images encoded (0 when kept)."""
-    path = os.path.join(cfg.data_dir, "pool", f"{i:05d}.safetensors")
+def shard_name(tar):
+    """A tar's feature shard is named after it: cc3m/00042.tar -> pool/00042.safetensors, so that
+    dropping a tar from --shards leaves the others' shards where they are."""
+    return f"pool/{os.path.splitext(os.path.basename(tar))[0]}.safetensors"
+
+
+def encode_shard(cfg, clip, tar, show):
+    """A tar -> its feature shard (+ .jsonl), unless a shard of the same CLIP and tar exists.
+    Returns (images encoded, unreadable samples); (0, 0) when the shard was kept."""
+    path = os.path.join(cfg.data_dir, shard_name(tar))
     if shard_header(path).get("source") == tar_source(clip, tar):
-        return 0
+        return 0, 0
     if not os.path.isfile(tar) and "://" not in tar and not tar.startswith("pipe:"):
         raise SystemExit(f"error: {tar}: no such file; check the paths in --shards")
     encoder = clip.get()
@@ -141,7 +152,7 @@ def encode_shard(cfg, clip, tar, i, show):
     layout.write_jsonl(path.replace(".safetensors", ".jsonl"), rows)  # before the shard: its presence means done
     layout.save_features(path, feats, clip=clip.name, clip_weights=clip.weights, normalized=True,
                          tar=os.path.abspath(tar), source=tar_source(clip, tar), skipped=json.dumps(skipped))
-    return len(rows) + len(skipped)
+    return len(rows), len(skipped)
 
 
 def prepare(cfg, clip, ddp):
@@ -152,28 +163,33 @@ def prepare(cfg, clip, ddp):
     tars = wds.shardlists.expand_urls(cfg.shards)
     if not cfg.shards or not tars:
         raise SystemExit('error: --shards names no tar; pass e.g. --shards "pool/{00000..00099}.tar"')
+    names = [shard_name(t) for t in tars]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise SystemExit(f"error: --shards names two tars called {os.path.basename(twice)[:-12]}.tar; their feature "
+                         f"shards would share a name: give the pool one folder of tars, or one pool per folder")
     os.makedirs(os.path.join(cfg.data_dir, "pool"), exist_ok=True)
-    encoded = 0
+    done = torch.zeros(2, dtype=torch.long)  # (images encoded, unreadable samples) by this rank
     for r in tqdm(range(math.ceil(len(tars) / world)), desc=f"{len(tars)} tars, {world} rank(s)", unit="round",
                   disable=rank != 0):
         i = r * world + rank  # this rank's tar in round r, if it has one
-        encoded += together(ddp, lambda: encode_shard(cfg, clip, tars[i], i, rank == 0) if i < len(tars) else 0)
+        done += torch.tensor(together(ddp, lambda: encode_shard(cfg, clip, tars[i], rank == 0) if i < len(tars)
+                                      else (0, 0)))
     wall = time.time() - t0
     if ddp:
-        counts = [None] * world
-        dist.all_gather_object(counts, encoded)
-        encoded = sum(counts)
-    if rank == 0:  # every rank has finished (the last round's agreement): the index
-        write_index(cfg, clip, tars)
-        print(f"encoded {encoded:,} images in {wall:.0f} s ({encoded / max(wall, 1e-9):.1f} images/s, "
-              f"{world} rank(s)); the other tars' shards were kept")
+        dist.all_reduce(done)  # every rank's
+    together(ddp, lambda: write_index(cfg, clip, tars) if rank == 0 else None)  # the last round agreed: all done
+    if rank == 0:
+        encoded, bad = done.tolist()
+        print(f"encoded {encoded:,} images ({bad} unreadable) in {wall:.0f} s: {encoded / max(wall, 1e-9):.1f} "
+              f"images/s on {world} rank(s)" + ("" if encoded + bad else "; every shard was there already"))
 
 
 def write_index(cfg, clip, tars):
     """meta.json: the CLIP and, per tar, its feature shard, rows and skips; and skipped.txt."""
     shards, skipped = [], []
-    for i, tar in enumerate(tars):
-        name = f"pool/{i:05d}.safetensors"
+    for tar in tars:
+        name = shard_name(tar)
         with safe_open(os.path.join(cfg.data_dir, name), "pt") as f:
             rows, why = f.get_slice("features").get_shape()[0], json.loads(f.metadata()["skipped"])
         shards.append(dict(tar=os.path.abspath(tar), features=name, rows=rows, skipped=len(why)))

@@ -30,6 +30,14 @@ def check_checkpoint(cfg, path, ckpt, clip_info, model=None):
                          f"flags it was made with (its config is saved in it), or start afresh in a new --out_dir")
 
 
+def check_pools(path, ckpt, pools):
+    """--resume continues the draws of a stage-2 run: from the same pools, or it would change them."""
+    theirs = [(p["dir"], p["rows"]) for p in ckpt.get("pools", [])]
+    if theirs != [(p["dir"], p["rows"]) for p in pools]:
+        raise SystemExit(f"error: {path} drew from the pools {theirs or 'none'} (folder, rows); resume with the same "
+                         f"--unlabeled_pool, or start stage 2 afresh in a new --out_dir")
+
+
 def check_split(path, ckpt, split):
     """Stage 2's unlabeled pool is the complement of the labeled split that stage 1 trained on, so
     stage 2's --labeled_fraction and --seed must choose that same split; otherwise say so in one line."""
@@ -50,6 +58,9 @@ def check_split(path, ckpt, split):
 
 def check_splits(data_dir, meta):
     """Training needs the train and val splits; a folder made for evaluation only has neither."""
+    if meta.get("dataset") == "webdataset":
+        raise SystemExit(f"error: {data_dir} is an unlabeled pool (data_prep.py --dataset webdataset): stage 2 takes "
+                         f"it as --unlabeled_pool {data_dir}, beside the --data_dir of a dataset with captions")
     missing = [s for s in ("train", "val") if s not in meta.get("splits", {"train": 0, "val": 0})]
     if missing:
         raise SystemExit(f"error: {data_dir} has no {' or '.join(missing)} split (data_prep.py --splits left it "

@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -56,7 +57,8 @@ class Config:
 
 def run(args, env=None):
     """Run a command from the repository root, watching its memory. (wall s, peak RSS MB, peak anon MB, output)."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stop the child
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", **(env or {})))
     t0, hwm, anon = time.time(), 0, 0
     while proc.poll() is None:
@@ -67,7 +69,8 @@ def run(args, env=None):
         except (OSError, KeyError):
             pass
         time.sleep(0.1)
-    out = proc.stdout.read()
+    log.seek(0)
+    out = log.read()
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(args[:4])} ... failed:\n{out[-3000:]}")
     return time.time() - t0, hwm / 1024, anon / 1024, out
@@ -174,7 +177,7 @@ def bench_extract(cfg, work, weights):
         launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--standalone", "--nproc_per_node", str(ranks)]
         wall, rss, _, out = run(launcher + prep + ["--data_dir", out], env={"OMP_NUM_THREADS": str(2 // ranks)})
-        encoding = float(re.search(r"\(([\d.]+) images/s", out).group(1))  # data_prep's own figure: the tars alone
+        encoding = float(re.search(r"([\d.]+) images/s", out).group(1))  # data_prep's own figure: the tars alone
         rows.append(dict(ranks=ranks, threads_per_rank=2 // ranks, images=len(scenes), wall_s=round(wall, 1),
                          images_per_s=round(len(scenes) / wall, 1), encoding_images_per_s=encoding))
         print(rows[-1])

@@ -1,7 +1,8 @@
 """
 Small helpers that training needs and that would only clutter train.py: the device (and the DDP
-process group), one rank's failure stopping every rank (together), the AdamW parameter groups (one weight-decay rule for the captioner and the toy
-CLIPs and GPT), the learning-rate schedule, and the training log with its plot.
+process group), one rank's failure stopping every rank (together), the AdamW parameter groups
+(one weight-decay rule for the captioner and the toy CLIPs and GPT), the learning-rate schedule,
+and the training log with its plot.
 """
 
 import json

@@ -113,7 +113,7 @@ def _digest(items):
     return hashlib.sha1("\n".join(items).encode()).hexdigest()
 
 
-def _header(path):
+def file_header(path):
     """The string metadata of a safetensors file, {} when there is no such file."""
     if not os.path.exists(path):
         return {}
@@ -132,7 +132,7 @@ def encode_sharded(clip, paths, folder, cfg, desc):
         part = paths[lo : lo + cfg.shard_size]
         path = os.path.join(folder, f"features_{k:05d}.safetensors")
         source = _digest([clip.id] + part)
-        if _header(path).get("source") != source:
+        if file_header(path).get("source") != source:
             feats, unreadable = encode_images(clip.get(), part, cfg.batch_size, cfg.num_workers, f"shard {k}")
             layout.save_features(path, feats, source=source, clip=clip.name, clip_weights=clip.weights,
                                  unreadable=json.dumps({str(i): why for i, why in unreadable}))
@@ -154,7 +154,7 @@ def write_split(cfg, split, records, clip, eval_clip, reward_clip=None):
         others["reward"] = reward_clip
         clips.append(reward_clip)
     source = _digest([c.id for c in clips] + [json.dumps(r) for r in records])
-    if os.path.exists(index) and _header(os.path.join(folder, "features.safetensors")).get("source") == source:
+    if os.path.exists(index) and file_header(os.path.join(folder, "features.safetensors")).get("source") == source:
         kept = layout.read_jsonl(index)
         print(f"{split}: {len(kept)} images, reused")
         return kept, len(records) - len(kept)

@@ -45,7 +45,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from nanocap.data import layout
-from nanocap.data.real import LazyCLIP, abs_if_path
+from nanocap.data.real import LazyCLIP, abs_if_path, file_header
 from nanocap.data.images import ImageError, decode_image
 from nanocap.tools.training import pick_device, together
 
@@ -119,13 +119,6 @@ def tar_source(clip, tar):
     return hashlib.sha1(f"{clip.id}\n{os.path.abspath(tar)}\n{size}".encode()).hexdigest()
 
 
-def shard_header(path):
-    if not os.path.exists(path):
-        return {}
-    with safe_open(path, "pt") as f:
-        return f.metadata() or {}
-
-
 def shard_name(tar):
     """A tar's feature shard is named after it: cc3m/00042.tar -> pool/00042.safetensors, so that
     dropping a tar from --shards leaves the others' shards where they are."""
@@ -136,7 +129,7 @@ def encode_shard(cfg, clip, tar, show):
     """A tar -> its feature shard (+ .jsonl), unless a shard of the same CLIP and tar exists.
     Returns (images encoded, unreadable samples); (0, 0) when the shard was kept."""
     path = os.path.join(cfg.data_dir, shard_name(tar))
-    if shard_header(path).get("source") == tar_source(clip, tar):
+    if file_header(path).get("source") == tar_source(clip, tar):
         return 0, 0
     if not os.path.isfile(tar) and "://" not in tar and not tar.startswith("pipe:"):
         raise SystemExit(f"error: {tar}: no such file; check the paths in --shards")

@@ -1,6 +1,7 @@
 # nanocap: the two commands a newcomer needs.
 #   make demo   set up .venv, then run the shapes-world demo (data prep, stage 1, stage 2, captions)
-#   make test   set up .venv, then run the test suite (offline)
+#   make test   set up .venv, then run the test suite (offline), notebooks included: what CI runs
+#   make test-fast   the unit and property tests alone (no notebooks, no CLI runs): the inner loop
 # Needs only python3 (3.10+) and, for METEOR and the PTB tokenizer, Java.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo results results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table notebooks clean
+.PHONY: install test test-fast mutants demo results results-small results-small-world results-small-report results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table notebooks clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +24,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps openai-whisper==20250625
 	touch $@
 
+# The test worlds (the tests' tiny one, the notebooks' data/shapes_small) pretrain in float32, the same
+# world on every CPU. Their learned effects must hold in a bfloat16 world too; check with
+#   rm -rf data/shapes_small && make test PRETRAIN_DTYPE=bfloat16
+PRETRAIN_DTYPE ?= float32
+SMALL_WORLD := HF_HUB_OFFLINE=1 $(PY) data_prep.py --config configs/shapes_small_data.json --pretrain_dtype $(PRETRAIN_DTYPE)
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q --pretrain-dtype $(PRETRAIN_DTYPE)
+
+NOTEBOOK_RUNS := out/shapes_small out/shapes_small_clipcap out/shapes_small_hack
+
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --nbmake tests notebooks
+	rm -rf $(NOTEBOOK_RUNS)   # the notebooks' runs are made afresh, never taken from an older world or code
+	test -f data/shapes_small/meta.json || $(SMALL_WORLD)   # the notebooks' world, made once (about 2 minutes)
+	$(PYTEST) --nbmake tests notebooks
+
+test-fast: install
+	$(PYTEST) -m "not slow" tests
+
+# Break the method on purpose (a sign, an index, a clamp: tests/mutants.py) and check that make test-fast fails
+mutants: install
+	HF_HUB_OFFLINE=1 $(PY) tests/mutants.py
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
@@ -34,6 +53,8 @@ demo: install
 # Re-execute every notebook in place, outputs and figures saved (commit them: they are read on GitHub).
 # The first one makes the small shapes world (about 2 minutes); the whole series takes about 5 minutes.
 notebooks: install
+	rm -rf $(NOTEBOOK_RUNS)
+	test -f data/shapes_small/meta.json || $(SMALL_WORLD)
 	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
 # The README's results table on the shapes test split: rows (a) to (d), and (c) at 2,400 steps,
@@ -98,6 +119,30 @@ results-2x2-table: install
 	    results/2x2_comp_stage1.seed*.json results/2x2_comp_stage2.seed*.json \
 	    results/c_full.seed*.json results/2x2_comp_full.seed*.json
 	$(PY) sample.py --two_by_two results
+
+# The notebooks' small world, pretrained in each dtype, 3 seeds of both stages each: stage 2's change over
+# stage 1 paired by seed (beam 3, as notebook 07 decodes) and the stage-2 curves. About 10 minutes a dtype;
+# side by side on 2 cores: make results-small-world DT=float32 & make results-small-world DT=bfloat16 & wait
+SMALL_DTYPES ?= float32 bfloat16
+DT ?= float32
+results-small: install
+	for dt in $(SMALL_DTYPES); do $(MAKE) results-small-world DT=$$dt || exit 1; done
+	$(MAKE) results-small-report
+
+results-small-world: install
+	test -f data/shapes_small_$(DT)/meta.json || HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) data_prep.py \
+	    --config configs/shapes_small_data.json --pretrain_dtype $(DT) --data_dir data/shapes_small_$(DT)
+	for s in $(SEEDS); do \
+	    $(TRAIN) --config configs/shapes_small.json --data_dir data/shapes_small_$(DT) --seed $$s \
+	        --out_dir out/small/$(DT)/seed$$s || exit 1; \
+	    for st in 1 2; do $(EVAL) --method beam --beam_size 3 --ckpt out/small/$(DT)/seed$$s/stage$$st.pt \
+	        --out_json results/small_$(DT)_stage$$st.seed$$s.json || exit 1; done; \
+	done
+
+results-small-report: install
+	$(PY) sample.py --changes $(foreach dt,$(SMALL_DTYPES),results/small_$(dt))
+	$(PY) sample.py --curves $(foreach dt,$(SMALL_DTYPES),$(foreach s,$(SEEDS),out/small/$(dt)/seed$(s))) \
+	    --grid assets/small_stage2.png
 
 results-table: install
 	$(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt --out_json results/e_references.json

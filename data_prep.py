@@ -81,6 +81,9 @@ class ShapesConfig(Config):
     small_models: bool = field(default=False, metadata={"help": "smaller CLIPs and GPT (pretrain.SMALL_*): "
                                                                  "a world in minutes, as the notebooks use"})
     lm_steps: int = field(default=600, metadata={"help": "toy GPT training steps"})
+    pretrain_dtype: str = field(default="auto", metadata={"help": "the toy models' training dtype: float32, "
+                                                                  "bfloat16 (autocast), or auto (bfloat16 where the "
+                                                                  "CPU has it); each gives its own world"})
     compositional: bool = field(default=False, metadata={"help": "also pretrain a compositional CLIP (ViT tower, "
                                                                  "hard negatives) and write its features"})
     comp_clip_steps: int = field(default=460, metadata={"help": "compositional CLIP training steps (batch 256)"})
@@ -177,11 +180,29 @@ def write_features(cfg, split, encoder, filename, clip_name, clip_weights):
     layout.save_features(path, feats, clip=clip_name, clip_weights=clip_weights, normalized=True)
 
 
+def pretrain_dtype(cfg, models):
+    """--pretrain_dtype resolved (pretrain.resolve_dtype). A world is pretrained in one dtype: a
+    rerun that would add models of another to a folder's existing ones is refused."""
+    try:
+        dtype = pretrain.resolve_dtype(cfg.pretrain_dtype)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrain_dtype: {e}")
+    meta_path = os.path.join(cfg.data_dir, "meta.json")
+    made = layout.read_json(meta_path).get("pretrain_dtype") if os.path.exists(meta_path) else None
+    if made and made != dtype and os.listdir(models):
+        if cfg.pretrain_dtype == "auto":
+            return made  # auto keeps the world as it was made
+        raise SystemExit(f"error: {cfg.data_dir} was pretrained in {made}, not {dtype}: use --pretrain_dtype "
+                         f"{made}, or another --data_dir (or delete {models})")
+    return dtype
+
+
 def prepare_shapes(cfg):
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     models = os.path.join(cfg.data_dir, "models")
     os.makedirs(models, exist_ok=True)
+    dtype = pretrain_dtype(cfg, models)
     sizes = dict(web=cfg.n_web, train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
     for k, split in enumerate(SPLITS):  # disjoint splits: each has its own seed stream
         render_split(cfg, split, sizes[split], cfg.seed * 10 + k)
@@ -205,11 +226,11 @@ def prepare_shapes(cfg):
         json_path, weights = os.path.join(models, f"clip_{role}.json"), os.path.join(models, f"clip_{role}.safetensors")
         if not os.path.exists(weights):
             web = web or load_split(cfg, "web")
-            print(f"pretraining the {role} CLIP on {len(web[0])} web images ({steps} steps)")
+            print(f"pretraining the {role} CLIP on {len(web[0])} web images ({steps} steps, {dtype})")
             model = pretrain.train_clip(clip_cfg, web[1], [r["captions"] for r in web[0]], steps,
                                         batch_size=cfg.clip_batch_size, lr=cfg.clip_lr, seed=seed,
                                         scenes=[r["scene"] for r in web[0]], hard_negatives=hard,
-                                        corruptions=tuple(cfg.hard_negative_kinds))
+                                        corruptions=tuple(cfg.hard_negative_kinds), dtype=dtype)
             pretrain.save_clip(model, clip_cfg, json_path, weights)
 
     gpt_dir = os.path.join(models, "gpt")
@@ -218,8 +239,9 @@ def prepare_shapes(cfg):
         texts = [c for r in web_records for c in r["captions"]]
         vocab = build_vocab(texts)
         tok = get_tokenizer("gpt2", vocab)
-        print(f"pretraining the toy GPT on {len(texts)} web captions (vocab {len(vocab)}, {cfg.lm_steps} steps)")
-        lm = pretrain.train_lm(texts, tok, GPTConfig(**lm_cfg, vocab_size=len(vocab)), cfg.lm_steps, seed=cfg.seed)
+        print(f"pretraining the toy GPT on {len(texts)} web captions (vocab {len(vocab)}, {cfg.lm_steps} steps, {dtype})")
+        lm = pretrain.train_lm(texts, tok, GPTConfig(**lm_cfg, vocab_size=len(vocab)), cfg.lm_steps, seed=cfg.seed,
+                               dtype=dtype)
         pretrain.save_lm(lm, tok, gpt_dir)
 
     # each CLIP's image features, found later by the CLIP their header names (layout.find_features)
@@ -237,14 +259,14 @@ def prepare_shapes(cfg):
     meta = dict(dataset="shapes", seed=cfg.seed, splits=sizes,
                 clip="models/clip_reward.json", clip_weights="models/clip_reward.safetensors",
                 eval_clip="models/clip_eval.json", eval_clip_weights="models/clip_eval.safetensors",
-                gpt="models/gpt", features_normalized=True)
+                gpt="models/gpt", features_normalized=True, pretrain_dtype=dtype)
     if os.path.exists(os.path.join(models, "clip_comp.safetensors")):  # for train.py --clip or --reward_clip
         meta.update(comp_clip="models/clip_comp.json", comp_clip_weights="models/clip_comp.safetensors")
     layout.write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
-    summarize(cfg, encoders, files, gpt_dir, t0)
+    summarize(cfg, encoders, files, gpt_dir, t0, dtype)
 
 
-def summarize(cfg, encoders, files, gpt_dir, t0):
+def summarize(cfg, encoders, files, gpt_dir, t0, dtype):
     """Counts, sizes, each CLIP's quality on test (and, where it has train features, how well a
     linear probe reads a relation off them), the GPT's validation perplexity, wall time."""
     test_records, test_images = load_split(cfg, "test")
@@ -265,7 +287,7 @@ def summarize(cfg, encoders, files, gpt_dir, t0):
     size_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cfg.data_dir) for f in fs) / 2**20
     summary = dict(counts={s: len(layout.read_jsonl(os.path.join(cfg.data_dir, s, "captions.jsonl"))) for s in SPLITS},
                    size_mb=round(size_mb, 1), clip=reports, gpt_val_perplexity=round(ppl, 3),
-                   gpt_params=lm.num_params(), wall_time_s=round(time.time() - t0, 1))
+                   gpt_params=lm.num_params(), pretrain_dtype=dtype, wall_time_s=round(time.time() - t0, 1))
     layout.write_json(os.path.join(cfg.data_dir, "summary.json"), summary)
     print(f"\nshapes world in {cfg.data_dir}: " + ", ".join(f"{s} {n}" for s, n in summary["counts"].items())
           + f" images, {summary['size_mb']} MB")
@@ -275,7 +297,7 @@ def summarize(cfg, encoders, files, gpt_dir, t0):
         print(f"{role + ' CLIP':<20}" + "".join(f"{rep[k]:>{len(k) + 2}.3f}" if k in rep else f"{'–':>{len(k) + 2}}"
                                                 for k in keys))
     print(f"toy GPT ({lm.num_params() / 1e6:.2f}M params): validation perplexity {ppl:.2f}")
-    print(f"wall time: {summary['wall_time_s']:.0f} s")
+    print(f"pretrained in {dtype}; wall time: {summary['wall_time_s']:.0f} s")
 
 
 def draw_examples(cfg):

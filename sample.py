@@ -10,6 +10,8 @@ Caption images with a trained nanocap checkpoint, or caption a whole split and s
     python sample.py --claims results                    # the paper's claims, seed by seed
     python sample.py --claims results --claims_full c_full_2400   # against full supervision at 4x the steps
     python sample.py --two_by_two results                # the features x reward 2x2, seed by seed
+    python sample.py --changes results/small_float32      # stage 2 - stage 1 of a run, seed by seed
+    python sample.py --curves out/small/*/seed* --grid curves.png   # stage-2 training curves of several runs
 
 The checkpoint names its CLIP (model and weights), whether the features are normalized, and
 its tokenizer, so --ckpt is all a model needs. Without --ckpt, the latest stage in --out_dir.
@@ -75,6 +77,10 @@ class Config:
                                                                  "to compare with, e.g. c_full_2400"})
     two_by_two: str = field(default="", metadata={"help": "a results folder: stage 2's change in each cell of the "
                                                           "features x reward 2x2, seed by seed"})
+    changes: list[str] = field(default_factory=list, metadata={"help": "score-file prefixes (results/small_float32): "
+                               "stage 2's change over stage 1 (PREFIX_stage{1,2}.seedN.json), seed by seed"})
+    curves: list[str] = field(default_factory=list, metadata={"help": "train.py out_dirs: their stage-2 training "
+                              "curves in one PNG, --grid"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
 
 
@@ -226,10 +232,20 @@ def compare_checkpoints(cfg, device):
 
 
 def main(cfg):
-    if cfg.table or cfg.claims or cfg.two_by_two:
+    if cfg.curves:
+        if not cfg.grid:
+            raise SystemExit("error: --curves draws a PNG: name it with --grid FILE.png")
+        try:
+            report.stage2_curves(cfg.curves, cfg.grid)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        print(f"wrote {cfg.grid}")
+        return 0
+    if cfg.table or cfg.claims or cfg.two_by_two or cfg.changes:
         try:
             lines = (report.score_table(cfg.table) if cfg.table else
-                     report.claims(cfg.claims, full=cfg.claims_full) if cfg.claims else report.two_by_two(cfg.two_by_two))
+                     report.claims(cfg.claims, full=cfg.claims_full) if cfg.claims else
+                     report.stage2_changes(cfg.changes) if cfg.changes else report.two_by_two(cfg.two_by_two))
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         print("\n".join(lines))

@@ -5,18 +5,44 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
+
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_WORLD = os.path.join(ROOT, "data", "shapes_small")  # the notebooks' world (configs/shapes_small_data.json)
+
+
+def pytest_addoption(parser):
+    # The test worlds pretrain in float32 by default, the same world on every CPU; a learned effect that
+    # a test asserts must hold in a bfloat16 world too: `make test PRETRAIN_DTYPE=bfloat16` checks it.
+    parser.addoption("--pretrain-dtype", default="float32", choices=["float32", "bfloat16"],
+                     help="dtype the test worlds' toy models pretrain in (data_prep.py --pretrain_dtype)")
+
+
+def pytest_configure(config):
+    dtype = config.getoption("--pretrain-dtype")
+    meta = os.path.join(SMALL_WORLD, "meta.json")
+    made = json.load(open(meta)).get("pretrain_dtype") if os.path.exists(meta) else None
+    if made and made != dtype:  # the notebooks would run on the other world
+        pytest.exit(f"data/shapes_small was pretrained in {made}, not {dtype}: delete data/shapes_small, or "
+                    f"run with PRETRAIN_DTYPE={made}", returncode=4)
 
 
 @pytest.fixture(scope="session")
-def tiny_shapes(tmp_path_factory):
+def pretrain_dtype(request):
+    return request.config.getoption("--pretrain-dtype")
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory, pretrain_dtype):
     """A miniature shapes world made by the real data_prep code path, in seconds: a few hundred
     images, CLIPs and GPT trained for a handful of steps. Returns its data_dir."""
     import data_prep
 
     root = tmp_path_factory.mktemp("tiny") / "shapes"
     cfg = data_prep.ShapesConfig(data_dir=str(root), n_web=128, n_train=120, n_val=16, n_test=16,
-                           clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7)
+                                 clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7, pretrain_dtype=pretrain_dtype)
     data_prep.prepare_shapes(cfg)
     return str(root)
 

@@ -60,6 +60,7 @@ def vitb32_encoder(vitb32):
     return CLIPEncoder("ViT-B-32-quickgelu", pretrained=vitb32["pt"])
 
 
+@pytest.mark.slow
 def test_vitb32_file_weights_match_open_clip(vitb32, vitb32_encoder):
     enc = vitb32_encoder
     img = enc.encode_image(make_images())  # PIL path: the encoder's own eval preprocess
@@ -70,12 +71,14 @@ def test_vitb32_file_weights_match_open_clip(vitb32, vitb32_encoder):
     assert enc.model_name == "ViT-B-32-quickgelu"
 
 
+@pytest.mark.slow
 def test_vitb32_safetensors_weights_match_open_clip(vitb32):
     enc = CLIPEncoder("ViT-B-32-quickgelu", pretrained=vitb32["safetensors"])
     torch.testing.assert_close(enc.encode_image(vitb32["pixels"]), vitb32["ref_img"], atol=1e-6, rtol=0)
     torch.testing.assert_close(enc.encode_text(TEXTS), vitb32["ref_txt"], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_frozen_eval_unit_norm(vitb32_encoder):
     enc = vitb32_encoder
     parent = torch.nn.ModuleDict({"clip": enc, "head": torch.nn.Linear(512, 2)})

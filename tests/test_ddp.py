@@ -1,5 +1,6 @@
 """DDP on 2 CPU processes (gloo): the gradients equal one process's on the same global batch, and
 train.py runs under torchrun."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -48,6 +49,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
         assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6), n
 
 
+@pytest.mark.slow
 def test_train_py_under_torchrun(tmp_path, tiny_shapes):
     out = tmp_path / "out"
     r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",  # both stages

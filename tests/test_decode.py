@@ -97,6 +97,21 @@ def test_beam_finds_at_least_greedy_score(model, prefix):
     assert (b.logprobs.sum(1) >= g.logprobs.sum(1) - 1e-5).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_beams_are_ranked_by_length_penalised_score(model, prefix, alpha):
+    K = 4  # all K beams back, best first: sum(logp) / length**alpha never rises along a row
+    b = beam_search(model, prefix, beam_size=K, max_new_tokens=10, eos_id=EOS, length_penalty=alpha, num_return=K)
+    final = (b.logprobs.sum(1) / b.lengths().float().pow(alpha)).view(-1, K)  # (N, K)
+    assert (final[:, 1:] <= final[:, :-1] + 1e-5).all(), final
+    assert len(set(b.lengths().tolist())) > 1  # beams of several lengths: the penalty has something to rank
+
+
+def test_length_penalty_changes_which_beam_wins(model, prefix):
+    short, long = (beam_search(model, prefix, beam_size=4, max_new_tokens=10, eos_id=EOS, length_penalty=a)
+                   for a in (0.0, 2.0))
+    assert (long.lengths() >= short.lengths()).all() and (long.lengths() > short.lengths()).any()
+
+
 def test_beam_logprobs_are_the_models(model, prefix):
     b = beam_search(model, prefix[:2], beam_size=3, max_new_tokens=8, eos_id=EOS)
     for i in range(2):

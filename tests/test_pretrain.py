@@ -3,6 +3,7 @@ formats and load back through CLIPEncoder and GPT.from_pretrained. Offline, tiny
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -162,14 +163,43 @@ def test_hard_negatives_are_minimal_pairs_on_the_text_side(data, monkeypatch):
     assert seen == [(32, 32, None)]  # by default no near misses: the reward CLIP's recipe is unchanged
 
 
-def test_clip_report(tiny_clip):
+class BagOfWordsCLIP:
+    """An oracle with CLIPEncoder's two methods that sees exactly an image's colours, shapes and sizes
+    (read off its scene) and a text's colour, shape and size words, as counts: a bag of words."""
+    def __init__(self, images, scenes):
+        self.pixels, self.scenes = pretrain.to_clip_input(images).flatten(1), scenes  # (N, 3*64*64)
+        self.size_of = {w: size for size, words in shapes.SIZE_WORDS.items() for w in words}
+        self.vocab = list(shapes.COLOURS) + shapes.SHAPES + list(shapes.SIZE_WORDS)
+
+    def bag(self, words):  # (len(vocab) + 1,) unit norm; the constant keeps a text of no such word off 0
+        v = torch.zeros(len(self.vocab) + 1)
+        v[-1] = 1.0
+        for w in words:
+            if w in self.vocab:
+                v[self.vocab.index(w)] += 1
+        return F.normalize(v, dim=0)
+
+    def encode_text(self, texts):
+        words = [re.findall(r"[a-z]+", t.lower()) for t in texts]  # "big" -> large, "circles" -> circle
+        return torch.stack([self.bag([self.size_of.get(w, shapes.SHAPE_WORDS.get(w, w)) for w in ws]) for ws in words])
+
+    def encode_image(self, pixels):  # which of the N images each row is, then its scene's words
+        rows = (pixels.flatten(1)[:, None] == self.pixels[None]).all(-1).float().argmax(1)
+        return torch.stack([self.bag([w for o in self.scenes[i]["objects"] for w in (o["colour"], o["shape"], o["size"])])
+                            for i in rows.tolist()])
+
+
+def test_clip_report_measures_what_the_clip_sees():
     scenes, images, _ = make_data(40, seed=1)
-    report = pretrain.clip_report(tiny_clip[1], images, scenes, seed=0)
-    fractions = ["R@1", *pretrain.CORRUPTIONS]
-    scores = ["clip_s_full", "clip_s_partial", "clip_s_generic"]
-    assert set(report) == set(fractions + scores)
-    assert all(0.0 <= report[k] <= 1.0 for k in fractions)
-    assert all(0.0 <= report[k] <= 2.5 for k in scores)
+    report = pretrain.clip_report(BagOfWordsCLIP(images, scenes), images, scenes, seed=0)
+    assert set(report) == {"R@1", *pretrain.CORRUPTIONS, "clip_s_full", "clip_s_partial", "clip_s_generic"}
+    # a caption that says more of the image scores higher ...
+    assert report["clip_s_full"] > report["clip_s_partial"] > report["clip_s_generic"], report
+    # ... a wrong colour, shape or size word always costs, and a bag of words cannot see the rest:
+    # a reversed relation or swapped colours have the same words, a tie, and a tie is not a win
+    assert report["colour"] == report["shape"] == report["size"] == 1.0, report
+    assert report["relation"] == report["binding"] == 0.0, report
+    assert report["R@1"] > 0.5, report  # most scenes' words are their own
 
 
 def test_lm_overfits_saves_and_writes_a_training_caption(tmp_path):

@@ -82,6 +82,7 @@ def coco_dir(tmp_path_factory, models, fake_coco):
     return data_dir
 
 
+@pytest.mark.slow
 def test_coco_layout_meta_and_skipped_image(coco_dir, models):
     meta = layout.read_json(coco_dir / "meta.json")
     assert meta["clip"] == meta["eval_clip"] == "ViT-B-32-quickgelu"
@@ -107,6 +108,7 @@ def test_coco_layout_meta_and_skipped_image(coco_dir, models):
         assert torch.equal(a, b) and len(a) == 2
 
 
+@pytest.mark.slow
 def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models, capsys):
     out = tmp_path / "out"
     common = dict(data_dir=str(coco_dir), out_dir=str(out), eval_interval=1000, log_interval=1, max_new_tokens=8,
@@ -130,6 +132,7 @@ def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models, capsys):
     assert [r["image_id"] for r in results] == [1006, 1007]  # COCO's results format, by cocoid
 
 
+@pytest.mark.slow
 def test_coco_rerun_reuses_shards(coco_dir, models, fake_coco, monkeypatch):
     shards = sorted((coco_dir / "train" / "shards").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in shards]
@@ -144,6 +147,7 @@ def test_coco_rerun_reuses_shards(coco_dir, models, fake_coco, monkeypatch):
     assert layout.read_jsonl(coco_dir / "train" / "captions.jsonl") == records
 
 
+@pytest.mark.slow
 def test_own_folder_uncaptioned_images_are_the_unlabeled_pool(tmp_path, models, capsys):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
@@ -180,6 +184,7 @@ def test_own_folder_uncaptioned_images_are_the_unlabeled_pool(tmp_path, models, 
     assert "; 3 unlabeled images;" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_missing_inputs_are_one_line_errors(tmp_path):
     render(make_split(1, seed=1)[0]).save(tmp_path / "a.png")
     r = cli("data_prep.py", "--dataset", "folder", "--images", tmp_path, "--captions", tmp_path / "nope.jsonl",
@@ -193,12 +198,14 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
         layout.read_jsonl(tmp_path / "bad.jsonl")  # strict reading (train.py, sample.py) names the line
 
 
+@pytest.mark.slow
 def test_train_refuses_a_clip_other_than_the_features(tmp_path, coco_dir):
     r = cli("train.py", "--stage", "1", "--data_dir", coco_dir, "--out_dir", tmp_path / "out", "--clip", "ViT-B-16")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(error_lines(r)) == 1 and "data_prep.py --dataset coco --clip ViT-B-16" in error_lines(r)[0]
 
 
+@pytest.mark.slow
 def test_coco_reward_clip_of_another_architecture(tmp_path, coco_dir, models, fake_coco, monkeypatch):
     """ViT-B-32 features feed the mapper; a ViT-S-32 (width 384, its own random weights in a local
     file) scores the captions. data_prep adds its features to a dataset, reusing the B-32 shards."""

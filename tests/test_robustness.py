@@ -43,6 +43,7 @@ def _bad_files(folder):
             "bomb": (folder / "bomb.png", "decompression bomb"), "unsupported": (folder / "vector.svg", "not an image")}
 
 
+@pytest.mark.slow
 def test_sample_bad_image_is_one_line(tmp_path, tiny_run, capsys):
     bad = _bad_files(tmp_path / "bad")
     path, word = bad["truncated"]  # one through the command line: stderr holds that one line and nothing else
@@ -55,12 +56,14 @@ def test_sample_bad_image_is_one_line(tmp_path, tiny_run, capsys):
         assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sample_folder_without_images_is_one_line(tmp_path, tiny_run):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("no pictures here")
     assert_one_line_error(cli("sample.py", "--out_dir", tiny_run, "--image", str(tmp_path / "docs")), "no images")
 
 
+@pytest.mark.slow
 def test_sample_bad_files_in_a_batch_are_skipped(tmp_path, tiny_run):
     bad = _bad_files(tmp_path / "bad")
     good = tmp_path / "bad" / "ok.jpg"
@@ -80,6 +83,7 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_run):
     ckpt = torch.load(os.path.join(tiny_run, "stage1.pt"), weights_only=True)
     marker = tmp_path / "code_ran"
@@ -92,6 +96,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_run):
     assert not marker.exists()  # the payload never ran
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_one_line(tmp_path, tiny_run, tiny_shapes):
     out = tmp_path / "out"
     out.mkdir()
@@ -102,6 +107,7 @@ def test_resume_with_a_different_model_is_one_line(tmp_path, tiny_run, tiny_shap
     assert_one_line_error(r, "stage1.pt", "prefix_len")
 
 
+@pytest.mark.slow
 def test_stage2_from_a_checkpoint_of_another_clip_is_one_line(tmp_path, tiny_run, tiny_shapes):
     ckpt = torch.load(os.path.join(tiny_run, "stage1.pt"), weights_only=True)
     ckpt["clip"]["weights"] = "/elsewhere/another_clip.safetensors"

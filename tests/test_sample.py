@@ -20,6 +20,7 @@ def sample_cli(*args):
     return cli("sample.py", *args)
 
 
+@pytest.mark.slow
 def test_captions_a_generated_image_and_a_folder(tmp_path, tiny_run):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -38,6 +39,7 @@ def test_captions_a_generated_image_and_a_folder(tmp_path, tiny_run):
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_user_errors_get_one_line(tmp_path, tiny_run):
     r = sample_cli("--out_dir", tiny_run, "--image", str(tmp_path / "missing.jpg"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no such file" in r.stderr
@@ -45,6 +47,7 @@ def test_user_errors_get_one_line(tmp_path, tiny_run):
     assert r.returncode != 0 and "Traceback" not in r.stderr and "train.py --stage 1" in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
     out = tmp_path / "res" / "test.json"
     r = sample_cli("--out_dir", tiny_run, "--split", "test", "--eval", "--out_json", str(out))
@@ -59,6 +62,7 @@ def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
     assert set(captions[0]) == {"image_id", "caption"} and len(captions) == 16
 
 
+@pytest.mark.slow
 def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run, capsys):
     grid = tmp_path / "cmp.png"
     ckpt = os.path.join(tiny_run, "stage1.pt")
@@ -82,6 +86,7 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run, cap
         sample.main(parse_config(sample.Config, ["--split", "test", "--compare", "2", "--ckpts", str(tmp_path / "nope.pt")]))
 
 
+@pytest.mark.slow
 def test_table_collects_score_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"BLEU-4": 12.345, "CIDEr": 100.0, "distinct": 50}))
     (tmp_path / "b.json").write_text(json.dumps({"CIDEr": 7.0}))

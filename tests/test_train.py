@@ -16,6 +16,7 @@ from nanocap.captioner import load_captioner, read_checkpoint
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout
 from nanocap.tokenizer import caption_batch, get_tokenizer
+from nanocap.tools.training import System
 from tests.helpers import cli, cli_start
 
 
@@ -80,6 +81,31 @@ def test_contrastive_term_reaches_the_gradient_and_lambda_0_is_cross_entropy(tmp
     assert stats["contrastive_rl"] != 0.0
 
 
+@pytest.mark.parametrize("stage,knob", [(1, "contrastive_weight"), (2, "kl_weight")])
+def test_train_py_weights_its_objective_by_lambda_and_beta(tiny_run, tiny_shapes, stage, knob):
+    """train.stage_loss hands --contrastive_weight (λ) and --kl_weight (β) to the objective: with the
+    same samples (same seed) the loss at weight w is loss(0) + w * (loss(1) - loss(0)), and the term moves it."""
+    model, ckpt = load_captioner(os.path.join(tiny_run, "stage1.pt"))
+    reference, _ = load_captioner(os.path.join(tiny_run, "stage1.pt"))
+    with torch.no_grad():  # a policy a little away from its reference, so that the KL is not 0
+        for p in model.mapper.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tok = get_tokenizer(**ckpt["tokenizer"])
+    clip = CLIPEncoder(ckpt["clip"]["name"], ckpt["clip"]["weights"])
+    feats = layout.load_features(os.path.join(tiny_shapes, "val", "features.safetensors"))
+    data = (layout.Captioned(feats, [r["captions"] for r in layout.read_jsonl(os.path.join(tiny_shapes, "val",
+            "captions.jsonl"))]) if stage == 1 else layout.Unlabeled(feats))
+    system = System(ddp=False, rank=0, device=torch.device("cpu"), dtype=torch.float32)
+
+    def loss_at(w):
+        cfg = train.Config(data_dir=tiny_shapes, batch_size=4, stage2_batch_size=4, samples_per_image=2, **{knob: w})
+        gen = torch.Generator().manual_seed(0)
+        return train.stage_loss(cfg, stage, model, model, reference, data, clip, tok, gen, system)[0].item()
+    l0, l1, half = loss_at(0.0), loss_at(1.0), loss_at(0.5)
+    assert abs(l1 - l0) > 1e-3, (l0, l1)
+    assert half == pytest.approx(l0 + 0.5 * (l1 - l0), abs=1e-4)
+
+
 def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_shapes, monkeypatch):
     run(tmp_path / "out", tiny_shapes, stage=1, batch_size=8, max_iters=30, lr=3e-3, contrastive_weight=0.0)
     train_captions = os.path.join(tiny_shapes, "train", "captions.jsonl")
@@ -108,6 +134,7 @@ def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_
     assert torch.equal(f, r)  # by default the reward CLIP is the feature CLIP
 
 
+@pytest.mark.slow
 def test_no_stage_runs_stage_1_then_stage_2_as_two_runs_do(tmp_path, tiny_shapes, capsys):
     kw = dict(batch_size=4, max_iters=3, contrastive_weight=0.0, stage2_iters=3, stage2_batch_size=4,
               samples_per_image=2, stage2_warmup_iters=2, stage2_lr=1e-3)
@@ -129,6 +156,7 @@ def same_weights(path_a, path_b):
     return all(torch.equal(va, vb) for va, vb in zip(ma.state_dict().values(), mb.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     args = ["--stage", "1", "--data_dir", tiny_shapes, "--max_iters", "8", "--eval_interval", "2",
             "--log_interval", "1", "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]

@@ -55,6 +55,7 @@ def prep_pool(data_dir, shards, tiny_shapes, *extra, clip="reward"):
             "--clip_weights", os.path.join(tiny_shapes, "models", f"clip_{clip}.safetensors"), *extra]
 
 
+@pytest.mark.slow
 def test_pool_from_tars_skips_the_unreadable_and_keeps_captions(tmp_path, tiny_shapes, capsys):
     shards = write_tars(tmp_path / "tars", n_tars=2, per_tar=5, corrupt={3}, no_image={6})
     data_prep.main(prep_pool(str(tmp_path / "pool"), shards, tiny_shapes))
@@ -90,6 +91,7 @@ def torchrun_prep(args, nproc=2):
                *args, OMP_NUM_THREADS="1")
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_and_a_failing_rank_stops_both_then_resumes(tmp_path, tiny_shapes):
     shards = write_tars(tmp_path / "tars", n_tars=3, per_tar=4)
     one = tmp_path / "one"
@@ -119,6 +121,7 @@ def test_two_ranks_equal_one_and_a_failing_rank_stops_both_then_resumes(tmp_path
         assert torch.equal(a, b), t
 
 
+@pytest.mark.slow
 def test_stage2_on_dataset_plus_pool_never_reads_a_caption(tmp_path, tiny_shapes, tiny_run, monkeypatch, capsys):
     shards = write_tars(tmp_path / "tars", n_tars=2, per_tar=6, seed=5)
     pool_dir = str(tmp_path / "pool")
@@ -230,6 +233,7 @@ def nan_on_rank_1(rank, port, data_dir, out_dir, result_dir):
         json.dump(code, f)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path, tiny_shapes):
     ctx = mp.start_processes(nan_on_rank_1, args=(free_port(), tiny_shapes, str(tmp_path / "out"), str(tmp_path)),
                              nprocs=2, join=False, start_method="spawn")

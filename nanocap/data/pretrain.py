@@ -97,20 +97,31 @@ STD = torch.tensor(open_clip.OPENAI_DATASET_STD)
 CORRUPTIONS = ("colour", "shape", "size", "relation", "binding")
 
 
-def _cpu_has_bf16():
-    # torch only exposes these checks privately; where they are missing we train in float32
+def cpu_has_bf16():
+    # torch only exposes these checks privately; where they are missing we say no
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
 
 
-USE_BF16 = _cpu_has_bf16()  # bfloat16 autocast: ~1.5x faster than float32 where the CPU has it
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(name):
+    """The dtype the toy models pretrain in (data_prep.py --pretrain_dtype): float32, or bfloat16
+    autocast (~1.5x faster where the CPU has native bf16, AVX512-BF16 or AMX; it runs, more slowly,
+    on any CPU). "auto" is bfloat16 where the CPU has it, float32 elsewhere. The two give different
+    worlds: every model trained on one differs from its twin on the other."""
+    if name not in DTYPES:
+        raise ValueError(f"pretrain dtype {name!r}: use auto, float32 or bfloat16")
+    return ("bfloat16" if cpu_has_bf16() else "float32") if name == "auto" else name
+
 
 # -----------------------------------------------------------------------------
 # training helpers
 
 
-def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=USE_BF16)
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def epochs(n, batch_size, generator):
@@ -159,7 +170,7 @@ def encode_text(model, tokens, chunks=4):
 
 
 def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, progress=True,
-               scenes=None, hard_negatives=0.0, corruptions=HARD_NEGATIVES):
+               scenes=None, hard_negatives=0.0, corruptions=HARD_NEGATIVES, dtype="float32"):
     """Train a CLIP from scratch with symmetric InfoNCE (Radford et al. 2021).
 
     cfg: an open_clip model config (REWARD_CLIP_CFG, EVAL_CLIP_CFG, COMP_CLIP_CFG).
@@ -170,7 +181,8 @@ def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, pr
     the images take a minimal pair from shapes.corrupt instead, one of `corruptions` drawn
     uniformly: the full caption is the positive and its near miss (relation reversed, colours
     swapped, ...) joins the text side of the image -> text loss (losses.info_nce).
-    Deterministic on CPU given the seed. Returns the model in eval mode."""
+    dtype: "float32" or "bfloat16" (autocast; resolve_dtype). Deterministic on CPU given the seed
+    and dtype. Returns the model in eval mode."""
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)  # what open_clip.create_model builds from the JSON config
     model.train().to(memory_format=torch.channels_last)  # NHWC convolutions: ~1.5x faster on CPU
@@ -200,7 +212,7 @@ def train_clip(cfg, images, captions, steps, batch_size=256, lr=5e-4, seed=0, pr
                 near_misses.append(prompt(pair[1]))
         pixels = to_clip_input(images[idx.numpy()]).contiguous(memory_format=torch.channels_last)  # (B, 3, 64, 64)
         tokens = tokenize(texts + near_misses)  # (B + M, context_length)
-        with autocast():
+        with autocast(dtype):
             image_features = model.encode_image(pixels)  # (B, embed_dim)
             text_features = F.normalize(encode_text(model, tokens).float(), dim=-1)  # (B + M, embed_dim)
         B = len(texts)
@@ -302,7 +314,7 @@ def relation_probe(train_features, train_scenes, test_features, test_scenes, l2=
 # the language model
 
 
-def train_lm(texts, tokenizer, config, steps, batch_size=32, lr=1e-3, seed=0, progress=True):
+def train_lm(texts, tokenizer, config, steps, batch_size=32, lr=1e-3, seed=0, progress=True, dtype="float32"):
     """Pretrain a GPT (config: nanocap.gpt.GPTConfig) as a language model of captions.
 
     As GPT-2 packs documents, the shuffled captions are joined into one stream
@@ -310,7 +322,7 @@ def train_lm(texts, tokenizer, config, steps, batch_size=32, lr=1e-3, seed=0, pr
     eos before each caption acts as its BOS. A training window is block_size tokens from a
     random caption's eos, every token predicting the next, so each caption and its final eos
     are predicted, and every position of the model is trained (a captioner's prefix pushes the
-    caption to later positions). Returns the model in eval mode."""
+    caption to later positions). dtype as train_clip's. Returns the model in eval mode."""
     torch.manual_seed(seed)
     model = GPT(config)
     model.train()
@@ -333,7 +345,7 @@ def train_lm(texts, tokenizer, config, steps, batch_size=32, lr=1e-3, seed=0, pr
             group["lr"] = lr_at(step, steps, lr, warmup, floor=0.0)
         pos = starts[torch.randint(len(starts), (batch_size,), generator=g)][:, None] + offsets  # (B, T)
         x, y = data[pos % len(data)], data[(pos + 1) % len(data)]  # inputs, next tokens (B, T)
-        with autocast():
+        with autocast(dtype):
             _, loss = model(x, targets=y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

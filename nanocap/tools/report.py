@@ -1,11 +1,11 @@
 """
 Reports: score files as one markdown table (mean ± std over seeds), the paper's claims checked
-seed by seed, the features x reward 2x2 read off seed by seed, and images beside their captions
-as one PNG.
+seed by seed, the features x reward 2x2 read off seed by seed, stage 2's change paired by seed
+and its training curves over several runs, and images beside their captions as one PNG.
 
-sample.py --table prints the table, sample.py --claims the claims and sample.py --two_by_two the
-2x2's changes (the README's results are made so); sample.py --compare --grid and data_prep.py
---grid draw the pictures.
+sample.py --table prints the table, sample.py --claims the claims, sample.py --two_by_two the
+2x2's changes and sample.py --changes stage 2's (the README's results are made so); sample.py
+--curves --grid, --compare --grid and data_prep.py --grid draw the pictures.
 """
 
 import glob
@@ -15,6 +15,8 @@ import re
 import statistics
 import sys
 import textwrap
+
+from nanocap.tools.training import read_log
 
 TABLE_COLUMNS = ["BLEU-4", "METEOR", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "attr_precision", "no_claim",
                  "rel_precision", "attr_recall", "fluency", "distinct"]
@@ -169,6 +171,47 @@ def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_re
     lines.append(f"| features → compositional, full supervision (levels, not changes) | {len(seeds)} | "
                  + " | ".join(_cell(d) for d in diffs) + " |")
     return lines
+
+
+def stage2_changes(prefixes, metrics=("CLIP-S", "fluency", "attr_precision", "attr_recall", "CIDEr")):
+    """Stage 2's change, paired by seed: for each prefix (results/small_float32), the score files
+    PREFIX_stage2.seedN.json minus PREFIX_stage1.seedN.json, as a markdown row of 'mean ± std
+    (seed by seed)' per metric. Returns the lines to print."""
+    lines = ["| stage 2 - stage 1 | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for prefix in prefixes:
+        folder, name = os.path.split(prefix)
+        one, two = by_seed(folder or ".", f"{name}_stage1"), by_seed(folder or ".", f"{name}_stage2")
+        seeds = sorted(set(one) & set(two))
+        if not seeds:
+            raise ValueError(f"no seed has both {prefix}_stage1.seedN.json and {prefix}_stage2.seedN.json")
+        cells = [_cell([two[s][m] - one[s][m] if m in one[s] and m in two[s] else None for s in seeds])
+                 for m in metrics]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stage2_curves(run_dirs, path, keys=("reward", "kl", "repetition", "gen_len")):
+    """Stage 2's training curves of several runs (train.py out_dirs) in one PNG: a panel per logged
+    key, a line per run, named by the run's last two folders ("float32/seed1337")."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    fig = Figure(figsize=(4 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys))
+    for run in run_dirs:
+        rows = [r for r in read_log(run) if r.get("stage") == 2 and "reward" in r]
+        if not rows:
+            raise ValueError(f"{run} has no stage-2 log (log.jsonl from train.py --stage 2)")
+        label = os.path.join(*os.path.normpath(run).split(os.sep)[-2:])
+        style = "-" if "float32" in label else "--"
+        for ax, key in zip(axes, keys):
+            ax.plot([r["iter"] for r in rows], [r[key] for r in rows], style, label=label)
+    titles = {"reward": "CLIP-S of the samples (reward CLIP)", "kl": "KL to the stage-1 policy",
+              "repetition": "share of samples with a word twice", "gen_len": "sample length (tokens)"}
+    for ax, key in zip(axes, keys):
+        ax.set_title(titles.get(key, key), fontsize=9)
+        ax.set_xlabel("stage-2 step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def draw_grid(path, images, texts, wrap=100):

@@ -196,20 +196,24 @@ def stage2_curves(run_dirs, path, keys=("reward", "kl", "repetition", "gen_len")
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     fig = Figure(figsize=(4 * len(keys), 3.2))
     axes = fig.subplots(1, len(keys))
+    colours = {}  # one colour per last folder (the seed), one line style per folder above it (the world)
+    styles = {}
     for run in run_dirs:
         rows = [r for r in read_log(run) if r.get("stage") == 2 and "reward" in r]
         if not rows:
             raise ValueError(f"{run} has no stage-2 log (log.jsonl from train.py --stage 2)")
-        label = os.path.join(*os.path.normpath(run).split(os.sep)[-2:])
-        style = "-" if "float32" in label else "--"
+        world, seed = os.path.normpath(run).split(os.sep)[-2:]
+        colour = colours.setdefault(seed, f"C{len(colours)}")
+        style = styles.setdefault(world, ["-", "--", ":", "-."][len(styles) % 4])
         for ax, key in zip(axes, keys):
-            ax.plot([r["iter"] for r in rows], [r[key] for r in rows], style, label=label)
+            ax.plot([r["iter"] for r in rows], [r[key] for r in rows], style, color=colour, label=f"{world}/{seed}")
     titles = {"reward": "CLIP-S of the samples (reward CLIP)", "kl": "KL to the stage-1 policy",
               "repetition": "share of samples with a word twice", "gen_len": "sample length (tokens)"}
     for ax, key in zip(axes, keys):
         ax.set_title(titles.get(key, key), fontsize=9)
         ax.set_xlabel("stage-2 step")
     axes[0].legend(fontsize=7)
+    fig.suptitle(f"stage 2 of {len(run_dirs)} runs", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -123,8 +123,11 @@ results-2x2-table: install
 # The notebooks' small world, pretrained in each dtype, 3 seeds of both stages each: stage 2's change over
 # stage 1 paired by seed (beam 3, as notebook 07 decodes) and the stage-2 curves. About 10 minutes a dtype;
 # side by side on 2 cores: make results-small-world DT=float32 & make results-small-world DT=bfloat16 & wait
+# Another stage-2 recipe beside the preset's: make results-small-world DT=float32 TAG=_beta0.1 FLAGS="--kl_weight 0.1"
 SMALL_DTYPES ?= float32 bfloat16
 DT ?= float32
+TAG ?=
+FLAGS ?=
 results-small: install
 	for dt in $(SMALL_DTYPES); do $(MAKE) results-small-world DT=$$dt || exit 1; done
 	$(MAKE) results-small-report
@@ -134,15 +137,15 @@ results-small-world: install
 	    --config configs/shapes_small_data.json --pretrain_dtype $(DT) --data_dir data/shapes_small_$(DT)
 	for s in $(SEEDS); do \
 	    $(TRAIN) --config configs/shapes_small.json --data_dir data/shapes_small_$(DT) --seed $$s \
-	        --out_dir out/small/$(DT)/seed$$s || exit 1; \
-	    for st in 1 2; do $(EVAL) --method beam --beam_size 3 --ckpt out/small/$(DT)/seed$$s/stage$$st.pt \
-	        --out_json results/small_$(DT)_stage$$st.seed$$s.json || exit 1; done; \
+	        --out_dir out/small$(TAG)/$(DT)/seed$$s $(FLAGS) || exit 1; \
+	    for st in 1 2; do $(EVAL) --method beam --beam_size 3 --ckpt out/small$(TAG)/$(DT)/seed$$s/stage$$st.pt \
+	        --out_json results/small$(TAG)_$(DT)_stage$$st.seed$$s.json || exit 1; done; \
 	done
 
 results-small-report: install
-	$(PY) sample.py --changes $(foreach dt,$(SMALL_DTYPES),results/small_$(dt))
-	$(PY) sample.py --curves $(foreach dt,$(SMALL_DTYPES),$(foreach s,$(SEEDS),out/small/$(dt)/seed$(s))) \
-	    --grid assets/small_stage2.png
+	$(PY) sample.py --changes $(foreach dt,$(SMALL_DTYPES),results/small$(TAG)_$(dt))
+	$(PY) sample.py --curves $(foreach dt,$(SMALL_DTYPES),$(foreach s,$(SEEDS),out/small$(TAG)/$(dt)/seed$(s))) \
+	    --grid assets/small$(TAG)_stage2.png
 
 results-table: install
 	$(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt --out_json results/e_references.json

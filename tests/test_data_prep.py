@@ -88,3 +88,13 @@ def test_compositional_clip_its_features_and_a_cell_of_the_2x2(tiny_shapes, tmp_
     assert sample.split_features(world, "test", ckpt["clip"]).shape == (16, 128)
     assert torch.equal(sample.split_features(world, "test", ckpt["clip"]),
                        layout.load_features(os.path.join(world, "test", "features_comp.safetensors")))
+
+
+def test_the_pretrain_dtype_is_recorded_and_a_world_keeps_one(tiny_shapes, pretrain_dtype, capsys):
+    assert layout.read_json(os.path.join(tiny_shapes, "meta.json"))["pretrain_dtype"] == pretrain_dtype
+    assert layout.read_json(os.path.join(tiny_shapes, "summary.json"))["pretrain_dtype"] == pretrain_dtype
+    other = {"float32": "bfloat16", "bfloat16": "float32"}[pretrain_dtype]
+    with pytest.raises(SystemExit, match=f"pretrained in {pretrain_dtype}, not {other}: use --pretrain_dtype"):
+        data_prep.main(["--data_dir", tiny_shapes, "--pretrain_dtype", other])
+    with pytest.raises(SystemExit, match="use auto, float32 or bfloat16"):
+        data_prep.main(["--data_dir", tiny_shapes, "--pretrain_dtype", "float16"])

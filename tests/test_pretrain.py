@@ -223,3 +223,15 @@ def test_lm_overfits_saves_and_writes_a_training_caption(tmp_path):
         bos = loaded.embed(torch.tensor([[tokenizer2.eos_id]]))  # (1, 1, n_embd)
         out = decode.greedy(loaded, bos, max_new_tokens=60, eos_id=tokenizer2.eos_id)
     assert tokenizer2.decode(out.tokens[0].tolist()) in texts
+
+
+def test_bfloat16_pretraining_is_another_world(data):
+    """--pretrain_dtype does what it says: a step in bfloat16 autocast gives other weights than in float32
+    (so the two worlds differ), and each is deterministic."""
+    _, images, captions = data
+    state = {dt: [pretrain.train_clip(CFG, images[:16], captions[:16], steps=2, batch_size=16, seed=0, progress=False,
+                                      dtype=dt).state_dict() for _ in range(2)] for dt in ("float32", "bfloat16")}
+    for dt in state:
+        assert all(torch.equal(state[dt][0][k], state[dt][1][k]) for k in state[dt][0])
+    assert not all(torch.equal(state["float32"][0][k], state["bfloat16"][0][k]) for k in state["float32"][0])
+    assert pretrain.resolve_dtype("auto") == ("bfloat16" if pretrain.cpu_has_bf16() else "float32")

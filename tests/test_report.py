@@ -94,3 +94,31 @@ def test_two_by_two_changes_and_swaps_paired_by_seed(tmp_path, capsys):
     assert both.split(" | ")[1:3] == ["1", "+4.0"]  # +1 against -3 in seed 2
     assert lines[-1].split(" | ")[1:3] == ["2", "-11.0 ± 0.0 (-11.0, -11.0)"]  # 65 against 76, levels
     assert report._cell([1.0, None, 3.0]) == "+2.0 ± 1.4 (+1.0, +3.0) (2 of 3 seeds)"  # a seed without the metric
+
+
+def test_stage2_changes_pair_the_stages_by_seed(tmp_path, capsys):
+    for seed, (one, two) in {1: (100.0, 112.0), 2: (110.0, 119.0), 3: (90.0, 90.0)}.items():
+        write(tmp_path / f"small_x_stage1.seed{seed}.json", **{"CLIP-S": one, "fluency": 50.0})
+        write(tmp_path / f"small_x_stage2.seed{seed}.json", **{"CLIP-S": two, "fluency": 50.0 - seed})
+    write(tmp_path / "small_x_stage1.seed4.json", **{"CLIP-S": 0.0})  # no stage 2 for seed 4: left out
+    lines = report.stage2_changes([str(tmp_path / "small_x")], metrics=("CLIP-S", "fluency"))
+    assert lines[2] == "| small_x | 3 | +7.0 ± 6.2 (+12.0, +9.0, +0.0) | -2.0 ± 1.0 (-1.0, -2.0, -3.0) |"
+    with pytest.raises(ValueError, match="no seed has both"):
+        report.stage2_changes([str(tmp_path / "nothing")])
+    assert sample.main(parse_config(sample.Config, ["--changes", str(tmp_path / "small_x")])) == 0
+    assert "| small_x | 3 |" in capsys.readouterr().out
+
+
+def test_stage2_curves_draw_every_run_and_refuse_one_without_a_log(tmp_path):
+    for seed in (1, 2):
+        run = tmp_path / "float32" / f"seed{seed}"
+        run.mkdir(parents=True)
+        rows = [dict(stage=2, iter=i, reward=1 + i / 10, kl=0.01 * i, repetition=0.0, gen_len=10) for i in range(3)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "curves.png"
+    report.stage2_curves([str(tmp_path / "float32" / "seed1"), str(tmp_path / "float32" / "seed2")], str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="has no stage-2 log"):
+        report.stage2_curves([str(tmp_path)], str(tmp_path / "no.png"))
+    with pytest.raises(SystemExit, match="--grid"):
+        sample.main(parse_config(sample.Config, ["--curves", str(tmp_path / "float32" / "seed1")]))

@@ -31,7 +31,7 @@ MUTANTS = [
      "return -(advantage * seq_logprob).mean()", "return (advantage * seq_logprob).mean()"),
     ("leave-one-out baseline includes its own sample", "nanocap/losses.py",
      "b = (r.sum(dim=1, keepdim=True) - r) / (k - 1)", "b = r.mean(dim=1, keepdim=True).expand_as(r)"),
-    ("KL reversed, KL(ref || policy)", "nanocap/losses.py",
+    ("KL reversed, KL(ref ‖ policy)", "nanocap/losses.py",
      "kl = (logp.exp() * (logp - logq)).sum(dim=-1)", "kl = (logq.exp() * (logq - logp)).sum(dim=-1)"),
     ("caption loss read one position off", "nanocap/losses.py",
      "pred = logits[:, P - 1:P + T - 1].float()", "pred = logits[:, P:P + T].float()"),

@@ -23,7 +23,10 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     dtype = config.getoption("--pretrain-dtype")
     meta = os.path.join(SMALL_WORLD, "meta.json")
-    made = json.load(open(meta)).get("pretrain_dtype") if os.path.exists(meta) else None
+    made = None
+    if os.path.exists(meta):
+        with open(meta) as f:
+            made = json.load(f).get("pretrain_dtype")
     if made and made != dtype:  # the notebooks would run on the other world
         pytest.exit(f"data/shapes_small was pretrained in {made}, not {dtype}: delete data/shapes_small, or "
                     f"run with PRETRAIN_DTYPE={made}", returncode=4)

@@ -19,6 +19,7 @@ sampled captions (stage 1's contrastive reward, stage 2's CLIP-S); by default on
     torchrun --nproc_per_node 2 train.py --stage 1    # DDP (gloo on CPU, nccl on CUDA); one rank's error stops all
 """
 
+import math
 import os
 import shutil
 import time
@@ -30,16 +31,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanocap import losses
-from nanocap.captioner import Captioner, load_captioner, read_checkpoint, save_checkpoint
+from nanocap.captioner import Captioner, load_captioner, read_checkpoint, save_checkpoint, state_digest
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout, pool
 from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.checks import check_checkpoint, check_pools, check_split, check_splits, resolve_clips
+from nanocap.tools.checks import (check_checkpoint, check_config, check_pools, check_reference, check_split,
+                                  check_splits, resolve_clips, split_digest)
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import lr_at, log_jsonl, make_optimizer, plot_log, restart_log, setup_system, together
+from nanocap.tools.training import (lr_at, log_jsonl, make_optimizer, plot_log, restart_log, rng_states, setup_system,
+                                    together)
 
 # -----------------------------------------------------------------------------
 # config
@@ -129,7 +132,8 @@ def load_data(cfg, stage):
     labeled_idx, unlabeled_idx = layout.labeled_split(n_train, cfg.labeled_fraction, cfg.seed,
                                                       meta.get("train_captioned"))
     split = dict(labeled_fraction=cfg.labeled_fraction, seed=cfg.seed, n_train=n_train,
-                 n_captioned=meta.get("train_captioned"), n_labeled=len(labeled_idx))
+                 n_captioned=meta.get("train_captioned"), n_labeled=len(labeled_idx),
+                 labeled=split_digest(labeled_idx))  # which images: the same flags on a re-made dataset may differ
     pools = cfg.unlabeled_pool if stage == 2 else []
     if not (labeled_idx if stage == 1 else unlabeled_idx or pools):
         raise SystemExit(f"error: stage {stage} needs {'captioned' if stage == 1 else 'unlabeled'} train images "
@@ -170,6 +174,11 @@ def new_model(cfg, meta, feature_dim):
         gpt = GPT.from_pretrained(gpt_spec)
         vocab_file = os.path.join(gpt_spec, "nanocap_vocab.json")  # the shapes world's reduced vocabulary
         vocab = layout.read_json(vocab_file) if os.path.isfile(vocab_file) else None
+    longest = cfg.prefix_len + max(cfg.max_new_tokens, cfg.max_caption_tokens)
+    if longest > gpt.config.block_size:
+        raise SystemExit(f"error: --prefix_len {cfg.prefix_len} and a caption of up to {longest - cfg.prefix_len} "
+                         f"tokens need {longest} positions, and the GPT has {gpt.config.block_size}; lower "
+                         f"--max_new_tokens / --max_caption_tokens or --prefix_len")
     extra = {"n_layer": cfg.mapper_layers} if cfg.mapper == "transformer" else {}
     mapper = build_mapper(cfg.mapper, feature_dim, cfg.prefix_len, gpt.config.n_embd, **extra)
     model = Captioner(mapper, gpt)
@@ -202,29 +211,27 @@ def stage1_model(cfg, clip_info, split, device, master):
 
 def train_stage(cfg, stage, system):
     """Run one stage: its data, its model, then the loop (evaluate, checkpoint, step, log)."""
-    device, master = system.device, system.master
+    device, master, ddp = system.device, system.master, system.ddp
     torch.manual_seed(cfg.seed + system.rank)  # each stage starts from the seed: `--stage 2` alone is the same
     gen = torch.Generator(device=device).manual_seed(cfg.seed + system.rank)  # batches and sampled captions
-    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
-    keep_best = cfg.keep_best and stage == 1  # stage 2's val reward is its own reward: choosing by it would hack
-    last_path = os.path.join(cfg.out_dir, "stage1.last.pt") if keep_best else path  # --resume reads this one
-    meta, clip_info, reward_info, train_set, val, split, pools = together(system.ddp, load_data, cfg, stage)
+    meta, clip_info, reward_info, train_set, val, split, pools = together(ddp, load_data, cfg, stage)
     if stage == 1:
-        (model, tok), reference, start = new_model(cfg, meta, val.features.size(1)), None, ""
+        model, tok = together(ddp, new_model, cfg, meta, val.features.size(1))
+        reference, start = None, ""  # stage 1 has no KL, so no reference policy
     else:
-        model, reference, tok, start = together(system.ddp, stage1_model, cfg, clip_info, split, device, master)
+        model, reference, tok, start = together(ddp, stage1_model, cfg, clip_info, split, device, master)
     model.to(device)
     reward_clip = CLIPEncoder(reward_info["name"], reward_info["weights"], device=device)  # scores sampled captions
     iters, peak_lr, warmup = ((cfg.max_iters, cfg.lr, cfg.warmup_iters) if stage == 1 else
                               (cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters))
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
-    # --resume reads the last state; a run made before --keep_best has only stage1.pt
-    resume_path = last_path if os.path.isfile(last_path) or not os.path.isfile(path) else path
-    step, best = resume_from(cfg, stage, resume_path, clip_info, pools, model, optimizer, gen, master)
-    if master and step == 0:
-        restart_log(cfg.out_dir, stage)
+    # what every checkpoint of the stage records besides its state; reference: the KL's, by its weights
+    info = dict(config=asdict(cfg), clip=clip_info, reward_clip=reward_info, tokenizer=tok.describe(), stage=stage,
+                init_from=start, reference=state_digest(reference) if reference is not None else "", split=split,
+                pools=pools)
+    step, best = together(ddp, resume_from, cfg, stage, info, model, optimizer, gen, system)
     forward = torch.compile(model) if cfg.compile else model
-    forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if system.ddp else forward
+    forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if ddp else forward
     if master:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -235,39 +242,22 @@ def train_stage(cfg, stage, system):
     model.train()
     t0 = time.time()
     while True:
-        if master and (step % cfg.eval_interval == 0 or step == iters):
-            result, captions = evaluate(cfg, stage, model, val, tok, reward_clip, system)
-            print(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            print("\n".join(f"  val[{i}] {c}" for i, c in enumerate(captions)))
-            log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
-            improved = step > 0 and stage == 1 and result["val_loss"] < best["val_loss"]
-            if improved:
-                best = {"val_loss": result["val_loss"], "step": step}
-            if step > 0:
-                save_checkpoint(last_path, model, config=asdict(cfg), clip=clip_info, reward_clip=reward_info,
-                                tokenizer=tok.describe(),
-                                stage=stage, step=step, optimizer=optimizer.state_dict(), generator=gen.get_state(),
-                                torch_rng=torch.get_rng_state(), init_from=start, split=split, best=best, pools=pools)
-            if keep_best and improved:  # the best is a copy of the last, taken when it was the best
-                layout.atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
-                print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
-            elif keep_best and step > 0:
-                print(f"val_loss did not improve on {best['val_loss']:.4f} (step {best['step']}): {path} kept")
+        if step % cfg.eval_interval == 0 or step == iters:
+            rngs = rng_states(system, gen)  # every rank's streams, so that a resume gives each its own back
+            # rank 0's work, under together: if it fails, every rank stops with its one line
+            best = together(ddp, evaluate_and_save, cfg, stage, step, iters, model, optimizer, rngs, val, tok,
+                            reward_clip, system, info, best)
         if step == iters:
             break
         lr = lr_at(step, iters, peak_lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        def micro_step():  # under DDP, a NaN or an error on any rank stops every rank (together)
-            loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint "
-                                 f"is {last_path}. Lower --lr or --stage2_lr and resume with --resume")
-            return loss, stats
         for micro in range(cfg.grad_accum):
             last = micro == cfg.grad_accum - 1
-            with forward.no_sync() if system.ddp and not last else nullcontext():  # DDP syncs on the last
-                loss, stats = together(system.ddp, micro_step)
+            with forward.no_sync() if ddp and not last else nullcontext():  # DDP syncs on the last
+                # under DDP, a NaN or an error on any rank stops every rank (together)
+                loss, stats = together(ddp, finite_loss, cfg, stage, step, model, forward, reference, train_set,
+                                       reward_clip, tok, gen, system)
                 (loss / cfg.grad_accum).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -279,32 +269,116 @@ def train_stage(cfg, stage, system):
             print(f"step {step}/{iters} | " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
                   + f" | {elapsed:.0f}s")
             log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, lr=lr, time=elapsed, **stats))
-    if master:
-        plot_log(cfg.out_dir, stage)
-        kept = f" (step {best['step']}, the lowest val loss; the last state is {last_path})" if keep_best else ""
-        print(f"saved {path}{kept} and {os.path.join(cfg.out_dir, f'stage{stage}.png')}")
+    together(ddp, finish_stage, cfg, stage, best, system)
 
 
-def resume_from(cfg, stage, path, clip_info, pools, model, optimizer, gen, master):
-    """With --resume, load the stage's last checkpoint into model, optimizer and generator, and
-    return (its step, the best val loss so far) (step 0: start afresh). With both stages (no
-    --stage), a stage without one starts afresh."""
+def checkpoint_files(cfg, stage):
+    """(path, last): the stage's checkpoint and the file its last state goes to. Stage 1 with
+    --keep_best keeps its lowest val loss in stage1.pt and its last state in stage1.last.pt;
+    otherwise both are stage<N>.pt (stage 2's val reward is its own reward: choosing by it would hack)."""
+    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
+    return path, os.path.join(cfg.out_dir, "stage1.last.pt") if cfg.keep_best and stage == 1 else path
+
+
+def last_state_file(cfg, stage):
+    """The stage's last state, whatever --keep_best was when it was written: stage<N>.last.pt where
+    it exists (a --keep_best run, whose stage<N>.pt is its best), else stage<N>.pt."""
+    last = os.path.join(cfg.out_dir, f"stage{stage}.last.pt")
+    return last if os.path.isfile(last) else os.path.join(cfg.out_dir, f"stage{stage}.pt")
+
+
+def last_good(cfg, stage):
+    """What a one-line error names as the checkpoint to resume from."""
+    path = last_state_file(cfg, stage)
+    return path if os.path.isfile(path) else "none yet"
+
+
+def evaluate_and_save(cfg, stage, step, iters, model, optimizer, rngs, val, tok, reward_clip, system, info, best):
+    """Rank 0 validates, then checkpoints the last state (with --keep_best, stage 1 also copies it to
+    stage1.pt while its val loss is the lowest so far); other ranks do nothing. Step 0, the initial
+    state, is saved only when the stage has no steps. Returns the best {"val_loss", "step"} so far."""
+    if not system.master:
+        return best
+    path, last_path = checkpoint_files(cfg, stage)
+    result, captions = evaluate(cfg, stage, model, val, tok, reward_clip, system)
+    print(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    print("\n".join(f"  val[{i}] {c}" for i, c in enumerate(captions)))
+    log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
+    for k, v in result.items():
+        if not math.isfinite(v):  # a NaN is never "the lowest so far": stop before it overwrites a good state
+            raise SystemExit(f"error: the {k} became {v} at step {step}; the last good checkpoint is "
+                             f"{last_good(cfg, stage)}. Lower {'--lr' if stage == 1 else '--stage2_lr'} and resume "
+                             f"with --resume")
+    if step == 0 and iters > 0:
+        return best
+    improved = stage == 1 and result["val_loss"] < best["val_loss"]
+    if improved:
+        best = {"val_loss": result["val_loss"], "step": step}
+    save_checkpoint(last_path, model, **info, step=step, optimizer=optimizer.state_dict(), best=best, **rngs)
+    stale = os.path.join(cfg.out_dir, f"stage{stage}.last.pt")
+    if last_path == path and os.path.exists(stale):  # an earlier --keep_best run's last state: older than this
+        os.remove(stale)
+    if last_path != path and improved:  # the best is a copy of the last, taken when it was the best
+        layout.atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
+        print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
+    elif last_path != path:
+        print(f"val_loss did not improve on {best['val_loss']:.4f} (step {best['step']}): {path} kept")
+    return best
+
+
+def finish_stage(cfg, stage, best, system):
+    """Rank 0 plots the stage's curves and says what it saved."""
+    if not system.master:
+        return
+    plot_log(cfg.out_dir, stage)
+    path, last_path = checkpoint_files(cfg, stage)
+    kept = f" (step {best['step']}, the lowest val loss; the last state is {last_path})" if last_path != path else ""
+    print(f"saved {path}{kept} and {os.path.join(cfg.out_dir, f'stage{stage}.png')}")
+
+
+def resume_from(cfg, stage, info, model, optimizer, gen, system):
+    """With --resume, load the stage's last state into model, optimizer and this rank's random
+    streams, and return (its step, the best val loss so far) (step 0: start afresh). With both
+    stages (no --stage), a stage without a checkpoint starts afresh."""
     best = {"val_loss": float("inf"), "step": 0}
+    path = last_state_file(cfg, stage)
     if not cfg.resume or (cfg.stage == 0 and not os.path.isfile(path)):
+        if system.master:
+            restart_log(cfg.out_dir, stage)
         return 0, best
     try:
         ckpt = read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    check_checkpoint(cfg, path, ckpt, clip_info, model)
-    check_pools(path, ckpt, pools)
+    check_checkpoint(cfg, path, ckpt, info["clip"], model)
+    check_pools(path, ckpt, info["pools"])
+    check_reference(path, ckpt, info)
+    # one stream per rank (a checkpoint from before they were all saved holds rank 0's alone)
+    gens, rngs = (ckpt["generators"], ckpt["torch_rngs"]) if "generators" in ckpt else ([ckpt["generator"]],
+                                                                                           [ckpt["torch_rng"]])
+    world = dist.get_world_size() if system.ddp else 1
+    if len(gens) != world:
+        raise SystemExit(f"error: {path} holds the random streams of {len(gens)} process(es), and this run has "
+                         f"{world}: resume with {len(gens)} (torchrun --nproc_per_node {len(gens)}, or none for 1), "
+                         f"or start afresh in a new --out_dir")
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
-    gen.set_state(ckpt["generator"])
-    torch.set_rng_state(ckpt["torch_rng"])  # after CLIP's construction, which draws from it
-    if master:
+    gen.set_state(gens[system.rank])
+    torch.set_rng_state(rngs[system.rank])  # after CLIP's construction, which draws from it
+    if system.master:
+        restart_log(cfg.out_dir, stage, ckpt["step"])  # the records of steps after it, from the run it stopped
         print(f"resuming stage {stage} from {path}, step {ckpt['step']}")
     return ckpt["step"], ckpt.get("best", best)
+
+
+def finite_loss(cfg, stage, step, model, forward, reference, train_set, reward_clip, tok, gen, system):
+    """stage_loss, or one line if it is not finite."""
+    loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint is "
+                         f"{last_good(cfg, stage)}. Lower {'--lr' if stage == 1 else '--stage2_lr'} and resume "
+                         f"with --resume")
+    return loss, stats
 
 
 def stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen, system):
@@ -351,9 +425,8 @@ def evaluate(cfg, stage, model, val, tok, clip, system):
 
 
 def main(cfg):
+    check_config(cfg)  # a flag value that cannot work is one line, before any work starts
     system = setup_system(cfg.device, cfg.dtype)
-    if cfg.stage not in (0, 1, 2):
-        raise SystemExit(f"error: --stage {cfg.stage}; use 1, 2, or 0 (1 then 2)")
     if system.master:
         print_config(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)

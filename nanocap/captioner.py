@@ -13,6 +13,7 @@ parameters only (no library buffers), unwrapped from DDP and torch.compile (no `
 are written atomically, and load strictly with torch.load(weights_only=True).
 """
 
+import hashlib
 import os
 import warnings
 from dataclasses import asdict
@@ -67,6 +68,16 @@ def save_checkpoint(path, model, **info):
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {"version": CHECKPOINT_VERSION, "model": state, "model_args": model.model_args(), **info}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def state_digest(model):
+    """sha1 of a model's state (names and bytes): equal exactly when two models hold the same weights.
+    A stage-2 checkpoint records its KL reference's, which --resume checks."""
+    h = hashlib.sha1()
+    for k, v in unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_checkpoint(path):

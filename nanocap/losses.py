@@ -209,7 +209,8 @@ def stage1_loss(model, features, captions, clip, tok, *, weight, k=2, tau=None, 
     features (B, D) CLIP image features; captions: B strings; tau: the contrastive temperature
     (None: CLIP's own, 1 / logit_scale). Returns (loss, stats).
     """
-    forward, autocast = forward or model, autocast or nullcontext()
+    forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
+    autocast = nullcontext() if autocast is None else autocast
     idx, tgt = caption_batch(tok, captions, max_caption_tokens, features.device)  # (B, T), -100-padded
     if weight == 0:
         with autocast:
@@ -252,7 +253,8 @@ def stage2_loss(model, reference, features, clip, tok, *, k=5, reward_weight=2.5
     the reward CLIP is the one that made the features, and reward_features are the features.
     Returns (loss, stats).
     """
-    forward, autocast = forward or model, autocast or nullcontext()
+    forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
+    autocast = nullcontext() if autocast is None else autocast
     reward_features = features if reward_features is None else reward_features  # (B, D_r)
     with torch.no_grad():
         feats_k = features.repeat_interleave(k, dim=0)  # (B*K, D)

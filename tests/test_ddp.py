@@ -1,16 +1,20 @@
-"""DDP on 2 CPU processes (gloo): the gradients equal one process's on the same global batch, and
-train.py runs under torchrun."""
+"""DDP on 2 CPU processes (gloo): the gradients equal one process's on the same global batch,
+train.py runs under torchrun, and a resumed 2-rank run equals the uninterrupted one bit for bit."""
+import json
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import train
 from nanocap.captioner import Captioner, read_checkpoint
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.losses import caption_loss
 from nanocap.mapper import build_mapper
-from tests.helpers import cli
+from tests.helpers import cli, free_port, join_as_rank, run_ranks
 
 
 def make_model():
@@ -62,3 +66,54 @@ def test_train_py_under_torchrun(tmp_path, tiny_shapes):
     assert not any(k.startswith("module.") for k in ckpt["model"])
     stage2 = read_checkpoint(out / "stage2.pt")  # started from the final stage1.pt, after a barrier
     assert stage2["step"] == 2 and stage2["init_from"].endswith("stage1.pt")
+
+
+def two_rank_run(rank, port, data_dir, out_dir, resume, full_disk_at, result_dir):
+    """One rank of a 2-rank run of both stages, as torchrun starts it. With full_disk_at, rank 0's
+    checkpoint write at that stage-1 step fails (a full disk), rank-0-only work that every rank
+    must hear of; each rank writes what it exited with to result_dir."""
+    join_as_rank(rank, port)
+    torch.set_num_threads(1)
+    save = train.save_checkpoint
+
+    def save_until_the_disk_is_full(path, model, **info):
+        if info["stage"] == 1 and info["step"] == full_disk_at:
+            raise OSError(28, "No space left on device")
+        save(path, model, **info)
+    train.save_checkpoint = save_until_the_disk_is_full
+    try:
+        train.main(train.Config(data_dir=data_dir, out_dir=out_dir, resume=resume, max_iters=4, eval_interval=2,
+                                log_interval=1, batch_size=4, contrastive_weight=0.5, contrastive_samples=2,
+                                stage2_iters=2, stage2_batch_size=2, samples_per_image=2))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(code, f)
+
+
+@pytest.mark.slow
+def test_ddp_rank0_failure_stops_both_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_shapes):
+    """Rank 0's checkpoint write fails at step 4: both ranks stop with one line (none is left waiting
+    on a collective). Resumed from step 2, the run equals the uninterrupted one bit for bit: each
+    rank draws its own batches and samples, so each must get its own random stream back."""
+    whole, resumed, codes = str(tmp_path / "whole"), str(tmp_path / "resumed"), tmp_path
+    run_ranks(two_rank_run, (free_port(), tiny_shapes, whole, False, None, str(codes)))
+    run_ranks(two_rank_run, (free_port(), tiny_shapes, resumed, False, 4, str(codes)))
+    rank0, rank1 = (json.loads((codes / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank1 == 1 and "\n" not in rank0
+    assert rank0.startswith("error: rank 0 of 2: OSError: [Errno 28] No space left on device"), rank0
+    assert read_checkpoint(os.path.join(resumed, "stage1.last.pt"))["step"] == 2
+    assert not os.path.exists(os.path.join(resumed, "stage2.pt"))
+    run_ranks(two_rank_run, (free_port(), tiny_shapes, resumed, True, None, str(codes)))
+    for name in ("stage1.last.pt", "stage1.pt", "stage2.pt"):
+        a, b = read_checkpoint(os.path.join(whole, name)), read_checkpoint(os.path.join(resumed, name))
+        assert a["step"] == b["step"]
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+        assert all(torch.equal(x, y) for x, y in zip(a["generators"], b["generators"])), name
+    assert len(a["generators"]) == 2 and not torch.equal(*a["generators"])  # one stream per rank
+    # the same log, wall time aside: the resume dropped the records the failed run wrote after step 2
+    log = lambda d: [{k: v for k, v in json.loads(line).items() if k != "time"}
+                     for line in open(os.path.join(d, "log.jsonl"))]
+    assert log(whole) == log(resumed) and [r["iter"] for r in log(whole) if "loss" in r] == [1, 2, 3, 4, 1, 2]

@@ -12,9 +12,10 @@ import train
 from nanocap import losses
 from nanocap.captioner import read_checkpoint
 from nanocap.data.shapes import make_split, render
+from nanocap.tools.checks import check_config
 from nanocap.tools.cli import parse_config
 
-from tests.helpers import cli
+from tests.helpers import ROOT, cli
 
 
 def assert_one_line_error(r, *words):
@@ -139,3 +140,59 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shapes
     ckpt = read_checkpoint(out / "stage1.last.pt")  # what --resume reads (stage1.pt is the best of steps 2 and 4)
     assert ckpt["step"] == 4  # saved at the last eval before the bad step
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ---- flags ---------------------------------------------------------------------------------------
+
+BAD_FLAGS = [  # (flags, the flag the line must name)
+    (["--eval_interval", "0"], "--eval_interval 0"),
+    (["--log_interval", "-3"], "--log_interval -3"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--stage2_lr", "0"], "--stage2_lr 0.0"),
+    (["--samples_per_image", "1"], "--samples_per_image 1"),
+    (["--contrastive_samples", "1"], "--contrastive_samples 1"),
+    (["--temperature", "0"], "--temperature 0.0"),
+    (["--labeled_fraction", "2"], "--labeled_fraction 2.0"),
+    (["--labeled_fraction", "0"], "--labeled_fraction 0.0"),
+    (["--max_iters", "-1"], "--max_iters"),
+    (["--stage", "3"], "--stage 3"),
+    (["--baseline", "max"], "--baseline max"),
+    (["--grad_accum", "0"], "--grad_accum"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--reward_weight", "0"], "--reward_weight 0.0"),
+    (["--kl_weight", "-0.1"], "--kl_weight"),
+    (["--contrastive_temperature", "-1"], "--contrastive_temperature -1.0"),
+    (["--mapper", "lstm"], "--mapper lstm"),
+    (["--dtype", "float16"], "--dtype float16"),
+    (["--init_from", "out/x/stage1.pt"], "--init_from"),  # both stages: stage 2 continues this run's stage 1
+    (["--device", "tpu"], "--device tpu"),
+    (["--max_new_tokens", "300"], "--max_new_tokens"),  # more positions than the GPT has: found when it is built
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_flag_value_that_cannot_work_is_one_line_before_any_work(tmp_path, tiny_shapes, flags, named):
+    out = tmp_path / "out"
+    cfg = parse_config(train.Config, ["--data_dir", tiny_shapes, "--out_dir", str(out), *flags])
+    with pytest.raises(SystemExit) as e:
+        train.main(cfg)
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and named in line, line
+    assert not (out / "stage1.pt").exists() and not (out / "log.jsonl").exists()  # nothing trained, nothing logged
+
+
+def test_the_defaults_the_presets_and_the_greedy_baseline_with_one_sample_pass_the_checks():
+    check_config(train.Config())
+    check_config(train.Config(baseline="greedy", samples_per_image=1, contrastive_samples=1))
+    check_config(train.Config(stage=1, samples_per_image=1))  # stage 1 alone never samples K for stage 2
+    check_config(train.Config(max_iters=0, stage2_iters=0))  # saves the initial state
+    presets = [f for f in os.listdir(os.path.join(ROOT, "configs")) if not f.endswith("_data.json")]
+    assert len(presets) >= 8
+    for name in presets:
+        check_config(parse_config(train.Config, ["--config", os.path.join(ROOT, "configs", name)]))
+
+
+@pytest.mark.slow
+def test_a_bad_flag_value_on_the_command_line_is_one_line(tmp_path, tiny_shapes):
+    r = cli("train.py", "--data_dir", tiny_shapes, "--out_dir", str(tmp_path / "out"), "--temperature", "0")
+    assert_one_line_error(r, "--temperature 0.0")

@@ -4,6 +4,7 @@ two runs, stage 1 keeps its best checkpoint and stage 2 its last, stage 2's pool
 unlabeled split, and resume is exact."""
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -12,7 +13,7 @@ import torch
 
 import train
 from nanocap import losses
-from nanocap.captioner import load_captioner, read_checkpoint
+from nanocap.captioner import load_captioner, read_checkpoint, state_digest
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout
 from nanocap.tokenizer import caption_batch, get_tokenizer
@@ -236,3 +237,110 @@ def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_pat
             assert "would put 0 of the 2 images" in line and "leave out 58 of the 118 it left unlabeled" in line
     stage2()  # stage 1's own split: its 118 unlabeled images
     assert "118 unlabeled images" in capsys.readouterr().out
+
+
+def test_zero_steps_save_the_initial_state(tmp_path, tiny_shapes):
+    """--max_iters 0 / --stage2_iters 0: each stage evaluates and saves the state it starts from."""
+    run(tmp_path / "out", tiny_shapes, max_iters=0, stage2_iters=0, batch_size=4, stage2_batch_size=2,
+        samples_per_image=2)
+    s1, s2 = read_checkpoint(tmp_path / "out" / "stage1.pt"), read_checkpoint(tmp_path / "out" / "stage2.pt")
+    assert s1["step"] == s2["step"] == 0 and s1["best"]["step"] == 0
+    assert all(torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])  # stage 2 of 0 steps: stage 1
+    assert (tmp_path / "out" / "stage1.png").exists() and (tmp_path / "out" / "stage2.png").exists()
+
+
+def test_resume_without_keep_best_continues_the_last_state(tmp_path, tiny_shapes, monkeypatch, capsys):
+    """A run with --keep_best (stage1.pt the best, step 2; stage1.last.pt the last, step 4), resumed
+    with --keep_best false, continues from step 4, not from the best; the older .last.pt goes."""
+    kw = dict(stage=1, data_dir=tiny_shapes, out_dir=str(tmp_path), batch_size=4, max_iters=4, eval_interval=2,
+              contrastive_weight=0.0)
+    scripted_evaluate(monkeypatch, [9.0, 1.0, 2.0])
+    train.main(train.Config(**kw))
+    last = read_checkpoint(tmp_path / "stage1.last.pt")
+    assert (read_checkpoint(tmp_path / "stage1.pt")["step"], last["step"]) == (2, 4)
+    capsys.readouterr()
+    scripted_evaluate(monkeypatch, [3.0])
+    train.main(train.Config(**kw, resume=True, keep_best=False))
+    out = capsys.readouterr().out
+    assert f"resuming stage 1 from {tmp_path / 'stage1.last.pt'}, step 4" in out and "step 3/4" not in out
+    now = read_checkpoint(tmp_path / "stage1.pt")
+    assert now["step"] == 4 and all(torch.equal(now["model"][k], last["model"][k]) for k in now["model"])
+    assert not (tmp_path / "stage1.last.pt").exists()  # stage1.pt now holds the last state
+
+
+def test_a_nan_validation_loss_is_one_line_naming_the_last_good_checkpoint(tmp_path, tiny_shapes, monkeypatch):
+    scripted_evaluate(monkeypatch, [9.0, 1.0, float("nan")])  # steps 0, 2, 4
+    with pytest.raises(SystemExit) as e:
+        train.main(train.Config(stage=1, data_dir=tiny_shapes, out_dir=str(tmp_path), batch_size=4, max_iters=6,
+                                eval_interval=2, contrastive_weight=0.0))
+    line = str(e.value.code)
+    assert line.startswith("error: the val_loss became nan at step 4") and "\n" not in line
+    assert f"the last good checkpoint is {tmp_path / 'stage1.last.pt'}" in line
+    assert read_checkpoint(tmp_path / "stage1.last.pt")["step"] == 2  # the NaN state was not saved over it
+    assert read_checkpoint(tmp_path / "stage1.pt")["step"] == 2
+
+
+def remade_with(tmp_path, tiny_shapes, **meta_changes):
+    """tiny_shapes as data_prep would re-make it with other meta.json values: the same files, linked."""
+    remade = tmp_path / "remade"
+    remade.mkdir()
+    for name in os.listdir(tiny_shapes):
+        if name != "meta.json":
+            os.symlink(os.path.join(tiny_shapes, name), remade / name)
+    meta = layout.read_json(os.path.join(tiny_shapes, "meta.json"))
+    layout.write_json(remade / "meta.json", dict(meta, **meta_changes))
+    return str(remade)
+
+
+def test_stage2_refuses_a_dataset_whose_captioned_set_changed(tmp_path, tiny_run, tiny_shapes):
+    """Same n_train, flags and seed, but 100 captioned train images instead of all 120: another
+    labeled split, so stage 1's labeled images could land in stage 2's pool."""
+    remade = remade_with(tmp_path, tiny_shapes, train_captioned=100)
+    labeled, _ = layout.labeled_split(120, 0.02, 1337)
+    _, pool = layout.labeled_split(120, 0.02, 1337, 100)
+    with pytest.raises(SystemExit) as e:
+        train.main(train.Config(stage=2, data_dir=remade, out_dir=str(tmp_path / "s2"), stage2_iters=1,
+                                init_from=os.path.join(tiny_run, "stage1.pt"), stage2_batch_size=2,
+                                samples_per_image=2))
+    line = str(e.value.code)
+    assert "\n" not in line and "learned from another labeled split" in line
+    assert "had all captioned train images, this one has 100" in line
+    assert f"would put {len(set(labeled) & set(pool))} of the 2 images" in line
+
+
+def test_resumed_stage2_keeps_its_kl_reference(tmp_path, tiny_shapes):
+    kw = dict(data_dir=tiny_shapes, out_dir=str(tmp_path / "out"), batch_size=4, max_iters=2, contrastive_weight=0.0,
+              stage2_iters=2, stage2_batch_size=2, samples_per_image=2, eval_interval=1000)
+    train.main(train.Config(**kw))
+    stage2 = read_checkpoint(tmp_path / "out" / "stage2.pt")
+    assert stage2["reference"] == state_digest(load_captioner(tmp_path / "out" / "stage1.pt")[0])
+    train.main(train.Config(**dict(kw, stage=2, resume=True)))  # its own reference: resumes
+    other = tmp_path / "other.pt"
+    shutil.copyfile(tmp_path / "out" / "stage1.pt", other)
+    with pytest.raises(SystemExit, match=r"continued .*stage1\.pt, its KL reference, and this run's is .*other\.pt"):
+        train.main(train.Config(**dict(kw, stage=2, resume=True, init_from=str(other))))
+    train.main(train.Config(**dict(kw, stage=1, max_iters=3)))  # stage 1 trained again in place: other weights
+    with pytest.raises(SystemExit, match="has changed since"):
+        train.main(train.Config(**dict(kw, stage=2, resume=True)))
+
+
+@pytest.mark.slow
+def test_bfloat16_and_compile_train_both_stages_and_sample(tmp_path, tiny_shapes):
+    """The GPU presets' code path (bf16 autocast, torch.compile) on the CPU: both stages train, the
+    compiled forward gives the eager one's losses, and the checkpoint samples."""
+    kw = dict(dtype="bfloat16", max_iters=2, stage2_iters=2, batch_size=4, contrastive_weight=0.5,
+              contrastive_samples=2, stage2_batch_size=2, samples_per_image=2)
+    compiled = run(tmp_path / "compiled", tiny_shapes, compile=True, **kw)
+    eager = run(tmp_path / "eager", tiny_shapes, **kw)
+    # the same batches and samples (the generator draws alike): the same losses up to bf16 rounding in
+    # another order (seen here: 3e-4 relative at most)
+    for stage, key in ((1, "loss"), (1, "ce"), (2, "loss"), (2, "kl")):
+        assert losses_of(compiled, key, stage) == pytest.approx(losses_of(eager, key, stage), rel=0.01, abs=1e-3)
+    ckpt = read_checkpoint(tmp_path / "compiled" / "stage2.pt")
+    assert ckpt["step"] == 2 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    images = os.path.join(tiny_shapes, "test", "images")
+    image = os.path.join(images, sorted(os.listdir(images))[0])
+    r = cli("sample.py", "--out_dir", tmp_path / "compiled", "--image", image)  # stage2.pt, the latest
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"{image}: ") and len(r.stdout.split(": ", 1)[1].split()) >= 1

@@ -8,12 +8,10 @@ import io
 import json
 import mmap
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,9 +21,10 @@ import train
 from nanocap.captioner import read_checkpoint
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout, pool, webpool
+from nanocap.data.real import LazyCLIP
 from nanocap.data.shapes import make_split, render
 
-from tests.helpers import cli
+from tests.helpers import cli, free_port, join_as_rank, run_ranks
 
 
 def write_tars(folder, n_tars, per_tar, seed=3, corrupt=(), no_image=()):
@@ -206,16 +205,9 @@ def test_pool_errors_are_one_line(tmp_path, tiny_shapes, tiny_run):
         train.main(train.Config(stage=1, data_dir=str(evaluation_only), out_dir=str(tmp_path / "out2")))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def nan_on_rank_1(rank, port, data_dir, out_dir, result_dir):
     """One rank of a 2-rank stage 1, run the way torchrun runs it; rank 1's loss becomes NaN at step 2."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    join_as_rank(rank, port)
     real_loss, calls = train.stage_loss, []
 
     def loss(*args):
@@ -235,15 +227,29 @@ def nan_on_rank_1(rank, port, data_dir, out_dir, result_dir):
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path, tiny_shapes):
-    ctx = mp.start_processes(nan_on_rank_1, args=(free_port(), tiny_shapes, str(tmp_path / "out"), str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    for _ in range(240):  # a rank left waiting on a collective would hang here until the deadline
-        if ctx.join(timeout=0.5):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("a rank is still running: the failure did not reach it")
+    run_ranks(nan_on_rank_1, (free_port(), tiny_shapes, str(tmp_path / "out"), str(tmp_path)))
     codes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert codes[1] == 1
     assert codes[0].startswith("error: rank 1 of 2: the loss became nan at step 1"), codes[0]
+
+
+def test_a_shard_is_made_again_when_its_tar_or_clip_weights_change_in_place(tmp_path):
+    """The reuse digest stamps the CLIP weights file and the tar by size and mtime: a CLIP retrained
+    in place, or a tar rewritten at the same size, gives another source, so its shard is encoded again."""
+    weights, tar = tmp_path / "clip.safetensors", tmp_path / "00000.tar"
+    weights.write_bytes(b"w" * 100)
+    tar.write_bytes(b"a" * 100)
+    clip = LazyCLIP("clip.json", str(weights), "cpu")  # as data_prep names a toy CLIP: nothing is loaded
+    source = webpool.tar_source(clip, str(tar))
+    assert webpool.tar_source(clip, str(tar)) == source  # nothing changed: the shard is kept
+    stamp = lambda path, ns: os.utime(path, ns=(ns, ns))
+    later = tar.stat().st_mtime_ns + 10**9
+    tar.write_bytes(b"b" * 100)  # the same size, other content, written a second later
+    stamp(tar, later)
+    assert webpool.tar_source(clip, str(tar)) != source
+    source = webpool.tar_source(clip, str(tar))
+    weights.write_bytes(b"v" * 100)  # the CLIP retrained in place: same path, same size
+    stamp(weights, later)
+    assert webpool.tar_source(clip, str(tar)) != source
+    named = LazyCLIP("ViT-B-32", "openai", "cpu")
+    assert webpool.tar_source(named, str(tar)) == webpool.tar_source(named, str(tar))  # a name has no file to stamp

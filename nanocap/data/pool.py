@@ -129,11 +129,12 @@ class UnlabeledPool:
         O(B) time and memory whatever the pool's size: (features (B, D), features (B, D)), the
         second as what the reward CLIP scores (the pool's CLIP is the reward CLIP)."""
         n, B = len(self), min(batch_size, len(self))
-        pick = []
+        pick, seen = [], set()  # the draws in order, and the same as a set: each repeat check is O(1)
         while len(pick) < B:  # redraw the rare repeats: randperm(n) would cost O(n) every step
             for i in torch.randint(n, (B,), generator=generator, device=device).tolist():
-                if i not in pick and len(pick) < B:
+                if i not in seen and len(pick) < B:
                     pick.append(i)
+                    seen.add(i)
         feats = self.rows(np.array(pick, dtype=np.int64)).to(device)
         return feats, feats
 

@@ -113,10 +113,20 @@ def encode_tar(encoder, tar, batch_size, num_workers, show):
     return (torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dim)), rows, skipped
 
 
+def file_stamp(path):
+    """A file's size and modification time (ns), or "-" for a name that is not a file ("openai"):
+    a file rewritten or retrained in place gets another stamp, without reading it."""
+    if not os.path.isfile(path):
+        return "-"
+    st = os.stat(path)
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
 def tar_source(clip, tar):
-    """What a feature shard was made from: the CLIP, the tar's path and size."""
-    size = os.path.getsize(tar) if os.path.isfile(tar) else -1
-    return hashlib.sha1(f"{clip.id}\n{os.path.abspath(tar)}\n{size}".encode()).hexdigest()
+    """What a feature shard was made from: the CLIP (name, weights, and the weights file's stamp),
+    the tar's path and its stamp. A shard whose source differs is encoded again."""
+    parts = [clip.id, file_stamp(clip.weights), os.path.abspath(tar), file_stamp(tar)]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
 def shard_name(tar):

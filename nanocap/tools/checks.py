@@ -1,16 +1,63 @@
 """
 Checks that turn a user's mistake in train.py's flags into one line that says what to do.
 
+Every flag value that cannot work is refused before any work starts (check_config).
+
 A checkpoint continued (stage 2, --resume) must come from this dataset's CLIP features and,
 when resuming, describe the same model; stage 2's unlabeled pool must be the complement of the
 labeled split its stage-1 checkpoint learned from (Jin, arXiv 2306.15111: stage 2 never sees a
-caption of its images); --clip and --reward_clip must name CLIPs whose features the dataset holds;
-and the dataset must have the splits that training reads.
+caption of its images); a resumed stage 2 must keep the KL reference it started with; --clip and
+--reward_clip must name CLIPs whose features the dataset holds; and the dataset must have the
+splits that training reads.
 """
 
+import hashlib
 import os
 
 from nanocap.data import layout
+
+
+def check_config(cfg):
+    """Every value of train.py's Config that cannot work, as one line naming the flag."""
+    stage1, stage2 = cfg.stage in (0, 1), cfg.stage in (0, 2)
+    k_min = 2 if cfg.baseline == "mean" else 1  # the leave-one-out mean of K samples needs another sample
+    rules = [
+        (cfg.stage in (0, 1, 2), f"--stage {cfg.stage}: use 1, 2, or 0 (1 then 2)"),
+        (not cfg.init_from or cfg.stage == 2, "--init_from names the checkpoint that --stage 2 continues; in a run of "
+         "both stages, stage 2 continues the stage 1 it has just trained: pass --stage 2, or drop --init_from"),
+        (0 < cfg.labeled_fraction <= 1, f"--labeled_fraction {cfg.labeled_fraction}: a share of the captioned train "
+         f"images, in (0, 1]"),
+        (cfg.max_iters >= 0 and cfg.stage2_iters >= 0, "--max_iters and --stage2_iters are step counts: 0 or more"),
+        (cfg.warmup_iters >= 0 and cfg.stage2_warmup_iters >= 0, "--warmup_iters and --stage2_warmup_iters: 0 or more"),
+        (cfg.lr > 0 and cfg.stage2_lr > 0, f"--lr {cfg.lr} / --stage2_lr {cfg.stage2_lr}: learning rates are > 0"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight_decay and --grad_clip: 0 (off) or more"),
+        (cfg.batch_size >= 1 and cfg.stage2_batch_size >= 1 and cfg.grad_accum >= 1,
+         "--batch_size, --stage2_batch_size and --grad_accum: 1 or more"),
+        (cfg.eval_interval >= 1 and cfg.log_interval >= 1, f"--eval_interval {cfg.eval_interval} / --log_interval "
+         f"{cfg.log_interval}: every how many steps, so 1 or more"),
+        (cfg.temperature > 0, f"--temperature {cfg.temperature}: sampling divides the logits by it; use a value > 0 "
+         f"(1: the model's own distribution)"),
+        (cfg.contrastive_temperature >= 0, f"--contrastive_temperature {cfg.contrastive_temperature}: τ > 0, or 0 for "
+         f"the reward CLIP's own"),
+        (cfg.contrastive_weight >= 0 and cfg.kl_weight >= 0,
+         "--contrastive_weight (λ) and --kl_weight (β): 0 or more"),
+        (cfg.reward_weight > 0, f"--reward_weight {cfg.reward_weight}: CLIP-S's w, > 0"),
+        (cfg.baseline in ("mean", "greedy"), f"--baseline {cfg.baseline}: use mean (leave-one-out) or greedy"),
+        (not (stage1 and cfg.contrastive_weight > 0) or cfg.contrastive_samples >= k_min,
+         f"--contrastive_samples {cfg.contrastive_samples}: the {cfg.baseline} baseline needs K >= {k_min}"),
+        (not stage2 or cfg.samples_per_image >= k_min,
+         f"--samples_per_image {cfg.samples_per_image}: the {cfg.baseline} baseline needs K >= {k_min}"),
+        (cfg.max_new_tokens >= 1 and cfg.max_caption_tokens >= 1,
+         "--max_new_tokens and --max_caption_tokens: 1 or more"),
+        (cfg.prefix_len >= 1 and cfg.mapper_layers >= 1, "--prefix_len and --mapper_layers: 1 or more"),
+        (cfg.mapper in ("mlp", "transformer"), f"--mapper {cfg.mapper}: use mlp or transformer"),
+        (cfg.gpt_n_layer >= 1 and cfg.gpt_n_embd >= 4 and cfg.gpt_n_embd % 4 == 0,
+         "--gpt_n_layer: 1 or more; --gpt_n_embd: a multiple of its 4 heads"),
+        (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype}: use auto, float32 or bfloat16"),
+    ]
+    for ok, why in rules:
+        if not ok:
+            raise SystemExit(f"error: {why}")
 
 
 def check_checkpoint(cfg, path, ckpt, clip_info, model=None):
@@ -38,9 +85,15 @@ def check_pools(path, ckpt, pools):
                          f"--unlabeled_pool, or start stage 2 afresh in a new --out_dir")
 
 
+def split_digest(labeled):
+    """What identifies a labeled split: a digest of its image indices (sorted)."""
+    return hashlib.sha1(",".join(map(str, labeled)).encode()).hexdigest()
+
+
 def check_split(path, ckpt, split):
     """Stage 2's unlabeled pool is the complement of the labeled split that stage 1 trained on, so
-    stage 2's --labeled_fraction and --seed must choose that same split; otherwise say so in one line."""
+    stage 2's --labeled_fraction and --seed must choose that same split, and the dataset must give
+    the same split for them (the same captioned images); otherwise say so in one line."""
     theirs = ckpt.get("split") or ckpt["config"]  # checkpoints before the split was saved: their config
     wrong = [f"--{k} {split[k]} (stage 1: {theirs[k]})" for k in ("labeled_fraction", "seed") if split[k] != theirs[k]]
     if wrong:
@@ -54,6 +107,31 @@ def check_split(path, ckpt, split):
     if "n_train" in theirs and theirs["n_train"] != split["n_train"]:
         raise SystemExit(f"error: {path} was trained on a dataset of {theirs['n_train']} train images, {split['n_train']} "
                          f"here; pass the --data_dir it was trained on")
+    if theirs.get("labeled", split["labeled"]) != split["labeled"] or (
+            theirs.get("n_captioned", split["n_captioned"]) != split["n_captioned"]):  # re-made with other captions
+        labeled, _ = layout.labeled_split(split["n_train"], split["labeled_fraction"], split["seed"],
+                                          theirs.get("n_captioned"))
+        _, pool = layout.labeled_split(split["n_train"], split["labeled_fraction"], split["seed"], split["n_captioned"])
+        was, now = (n if n is not None else "all" for n in (theirs.get("n_captioned"), split["n_captioned"]))
+        raise SystemExit(f"error: {path} learned from another labeled split: its dataset had {was} captioned train "
+                         f"images, this one has {now}, which would put {len(set(labeled) & set(pool))} of the "
+                         f"{len(labeled)} images it learned with their captions into stage 2's unlabeled pool; pass "
+                         f"the --data_dir it was trained on, or train stage 1 again on this one")
+
+
+def check_reference(path, ckpt, info):
+    """A resumed stage 2 keeps the KL reference it started with: the same stage-1 file (init_from),
+    holding the same weights (a digest of them); otherwise say so in one line."""
+    if ckpt.get("stage") != 2:
+        return
+    theirs, ours = ckpt.get("init_from", ""), info["init_from"]
+    if theirs and not layout.same_clip(os.path.abspath(theirs), os.path.abspath(ours)):  # same path or same file
+        raise SystemExit(f"error: {path} continued {theirs}, its KL reference, and this run's is {ours}: resume with "
+                         f"--init_from {theirs}, or start stage 2 afresh in a new --out_dir")
+    if ckpt.get("reference") and ckpt["reference"] != info["reference"]:
+        raise SystemExit(f"error: {ours} has changed since {path} started from it (other weights: stage 1 was "
+                         f"trained again?), so the KL would pull towards another policy; start stage 2 afresh "
+                         f"(delete {path}, or use a new --out_dir)")
 
 
 def check_splits(data_dir, meta):

@@ -1,8 +1,8 @@
 """
 Small helpers that training needs and that would only clutter train.py: the device (and the DDP
-process group), one rank's failure stopping every rank (together), the AdamW parameter groups
-(one weight-decay rule for the captioner and the toy CLIPs and GPT), the learning-rate schedule,
-and the training log with its plot.
+process group), one rank's failure stopping every rank (together), every rank's random streams
+for an exact resume (rng_states), the AdamW parameter groups (one weight-decay rule for the
+captioner and the toy CLIPs and GPT), the learning-rate schedule, and the training log with its plot.
 """
 
 import json
@@ -30,7 +30,14 @@ def pick_device(name="auto", local_rank=None):
             name = "cpu"
     if name == "cuda" and local_rank is not None:
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise SystemExit(f"error: --device {name}, but this torch sees no {device.type.upper()} device; use "
+                         f"--device auto or cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
@@ -102,6 +109,17 @@ def together(ddp, fn, *args, **kwargs):
     return result
 
 
+def rng_states(system, gen):
+    """The random streams of every rank (the batch-and-sampling generator, and torch's global one),
+    gathered on every rank: each rank draws its own batches, so each must get its own back."""
+    mine = (gen.get_state(), torch.get_rng_state())
+    every = [mine]
+    if system.ddp:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return {"generators": [g for g, _ in every], "torch_rngs": [r for _, r in every]}
+
+
 def param_groups(model, weight_decay):
     """AdamW groups over the trainable parameters: weight decay on weight matrices and conv
     kernels; none on biases, norms, gains, embedding tables (token, position, class) or
@@ -145,12 +163,14 @@ def read_log(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def restart_log(out_dir, stage):
-    """A stage that starts afresh drops its own and later stages' records from log.jsonl, so that
-    a rerun in the same out_dir plots one run, not two on top of each other."""
+def restart_log(out_dir, stage, step=0):
+    """A stage that starts at `step` (0: afresh; a resume: its checkpoint's step) drops its own records
+    from that step on, and later stages' records, from log.jsonl: a rerun in the same out_dir plots
+    one run, not two on top of each other, and a resumed run logs what an uninterrupted one does."""
     path = os.path.join(out_dir, "log.jsonl")
+    keep = lambda r: r.get("stage", 0) < stage or (r.get("stage", 0) == stage and r.get("iter", 0) < step)
     if os.path.exists(path):
-        write_jsonl(path, [r for r in read_log(out_dir) if r.get("stage", 0) < stage])  # atomically
+        write_jsonl(path, [r for r in read_log(out_dir) if keep(r)])  # atomically
 
 
 def plot_log(out_dir, stage):
@@ -162,7 +182,7 @@ def plot_log(out_dir, stage):
     keys = ["loss", "ce", "contrastive_reward"] if stage == 1 else ["reward", "kl", "gen_len", "repetition"]
     keys = [k for k in keys if train and k in train[-1]]
     fig = Figure(figsize=(4 * (len(keys) + 1), 3.2))
-    axes = fig.subplots(1, len(keys) + 1)
+    axes = fig.subplots(1, len(keys) + 1, squeeze=False)[0]  # a list even with one panel (a run of 0 steps)
     for ax, k in zip(axes, keys):
         ax.plot([r["iter"] for r in train if k in r], [r[k] for r in train if k in r])
         ax.set_title(k)

@@ -1,5 +1,6 @@
 """DDP on 2 CPU processes (gloo): the gradients equal one process's on the same global batch,
-train.py runs under torchrun, and a resumed 2-rank run equals the uninterrupted one bit for bit."""
+train.py runs under torchrun, a failure in rank 0's own work stops both ranks, and the resumed
+2-rank run equals the uninterrupted one bit for bit."""
 import json
 import os
 
@@ -53,19 +54,9 @@ def test_ddp_gradients_match_single_process(tmp_path):
         assert torch.allclose(p.grad, ddp_grads[n], atol=1e-6), n
 
 
-@pytest.mark.slow
-def test_train_py_under_torchrun(tmp_path, tiny_shapes):
-    out = tmp_path / "out"
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",  # both stages
-            "--data_dir", tiny_shapes, "--out_dir", out, "--max_iters", "3", "--eval_interval", "1000",
-            "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5",
-            "--stage2_iters", "2", "--stage2_batch_size", "2", "--samples_per_image", "2", OMP_NUM_THREADS="1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = read_checkpoint(out / "stage1.pt")
-    assert ckpt["step"] == 3
-    assert not any(k.startswith("module.") for k in ckpt["model"])
-    stage2 = read_checkpoint(out / "stage2.pt")  # started from the final stage1.pt, after a barrier
-    assert stage2["step"] == 2 and stage2["init_from"].endswith("stage1.pt")
+# both stages on 2 ranks, a few steps: checkpoints at stage-1 steps 2 and 4, and at stage 2's end
+RUN = dict(max_iters=4, eval_interval=2, log_interval=1, batch_size=4, contrastive_weight=0.5, contrastive_samples=2,
+           stage2_iters=2, stage2_batch_size=2, samples_per_image=2)
 
 
 def two_rank_run(rank, port, data_dir, out_dir, resume, full_disk_at, result_dir):
@@ -82,9 +73,7 @@ def two_rank_run(rank, port, data_dir, out_dir, resume, full_disk_at, result_dir
         save(path, model, **info)
     train.save_checkpoint = save_until_the_disk_is_full
     try:
-        train.main(train.Config(data_dir=data_dir, out_dir=out_dir, resume=resume, max_iters=4, eval_interval=2,
-                                log_interval=1, batch_size=4, contrastive_weight=0.5, contrastive_samples=2,
-                                stage2_iters=2, stage2_batch_size=2, samples_per_image=2))
+        train.main(train.Config(data_dir=data_dir, out_dir=out_dir, resume=resume, **RUN))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -94,11 +83,18 @@ def two_rank_run(rank, port, data_dir, out_dir, resume, full_disk_at, result_dir
 
 @pytest.mark.slow
 def test_ddp_rank0_failure_stops_both_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_shapes):
-    """Rank 0's checkpoint write fails at step 4: both ranks stop with one line (none is left waiting
+    """train.py under torchrun trains both stages. Then the same run again, as torchrun would start it,
+    but rank 0's checkpoint write fails at step 4: both ranks stop with one line (none is left waiting
     on a collective). Resumed from step 2, the run equals the uninterrupted one bit for bit: each
     rank draws its own batches and samples, so each must get its own random stream back."""
     whole, resumed, codes = str(tmp_path / "whole"), str(tmp_path / "resumed"), tmp_path
-    run_ranks(two_rank_run, (free_port(), tiny_shapes, whole, False, None, str(codes)))
+    flags = [str(x) for k, v in RUN.items() for x in (f"--{k}", v)]
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",  # as a user runs it
+            "--data_dir", tiny_shapes, "--out_dir", whole, *flags, OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stage1, stage2 = (read_checkpoint(os.path.join(whole, f"stage{s}.pt")) for s in (1, 2))
+    assert stage1["step"] == 4 and not any(k.startswith("module.") for k in stage1["model"])
+    assert stage2["step"] == 2 and stage2["init_from"].endswith("stage1.pt")  # the final stage1.pt, after a barrier
     run_ranks(two_rank_run, (free_port(), tiny_shapes, resumed, False, 4, str(codes)))
     rank0, rank1 = (json.loads((codes / f"rank{r}.json").read_text()) for r in range(2))
     assert rank1 == 1 and "\n" not in rank0

@@ -137,14 +137,23 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_a_fresh_stage_drops_its_old_log_records_and_keeps_earlier_stages(tmp_path):
-    for stage, it in [(1, 0), (1, 10), (2, 0), (2, 5)]:
-        log_jsonl(tmp_path, {"stage": stage, "iter": it})
+    old = [{"stage": 1, "iter": 0, "captions": []}, {"stage": 1, "iter": 10}, {"stage": 2, "iter": 0, "captions": []},
+           {"stage": 2, "iter": 5}]  # step 0 is an evaluation (captions); training steps count from 1
+    for r in old:
+        log_jsonl(tmp_path, r)
     restart_log(tmp_path, 2)  # a rerun of stage 2 in the same out_dir
-    assert read_log(tmp_path) == [{"stage": 1, "iter": 0}, {"stage": 1, "iter": 10}]
+    assert read_log(tmp_path) == old[:2]
     restart_log(tmp_path, 1)  # a rerun of stage 1 makes stage 2 stale too
     assert read_log(tmp_path) == []
     restart_log(tmp_path / "none", 1)  # no log yet: nothing to do
     assert not (tmp_path / "none").exists()
+    # a resume from step 2 keeps the steps up to 2, drops the evaluation at 2 (it is done again) and what followed
+    run = [{"stage": 1, "iter": 0, "captions": []}, {"stage": 1, "iter": 1}, {"stage": 1, "iter": 2},
+           {"stage": 1, "iter": 2, "captions": []}, {"stage": 1, "iter": 3}, {"stage": 2, "iter": 1}]
+    for r in run:
+        log_jsonl(tmp_path, r)
+    restart_log(tmp_path, 1, step=2)
+    assert read_log(tmp_path) == run[:3]
 
 
 def test_the_small_world_presets_parse_and_pick_the_small_models():

@@ -164,13 +164,15 @@ def read_log(out_dir):
 
 
 def restart_log(out_dir, stage, step=0):
-    """A stage that starts at `step` (0: afresh; a resume: its checkpoint's step) drops its own records
-    from that step on, and later stages' records, from log.jsonl: a rerun in the same out_dir plots
-    one run, not two on top of each other, and a resumed run logs what an uninterrupted one does."""
+    """A stage that starts at `step` (0: afresh; a resume: its checkpoint's step) drops from log.jsonl
+    what it will write again: its evaluation at `step` (records with captions), its steps after
+    `step`, and every later stage's records. A rerun in the same out_dir then plots one run, not
+    two on top of each other, and a resumed run logs what an uninterrupted one does."""
     path = os.path.join(out_dir, "log.jsonl")
-    keep = lambda r: r.get("stage", 0) < stage or (r.get("stage", 0) == stage and r.get("iter", 0) < step)
-    if os.path.exists(path):
-        write_jsonl(path, [r for r in read_log(out_dir) if keep(r)])  # atomically
+    if not os.path.exists(path):
+        return
+    before = lambda r: r["iter"] < step or (r["iter"] == step and "captions" not in r)  # this stage's to keep
+    write_jsonl(path, [r for r in read_log(out_dir) if r["stage"] < stage or r["stage"] == stage and before(r)])
 
 
 def plot_log(out_dir, stage):

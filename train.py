@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanocap import losses
-from nanocap.captioner import Captioner, load_captioner, read_checkpoint, save_checkpoint, state_digest
+from nanocap.captioner import (Captioner, checkpoint_step, load_captioner, read_checkpoint, save_checkpoint,
+                               state_digest)
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout, pool
 from nanocap.decode import greedy
@@ -54,7 +55,8 @@ class Config:
     stage: int = field(default=0, metadata={"help": "1: few labels; 2: CLIP-S on the unlabeled pool; 0: 1 then 2"})
     data_dir: str = field(default="data/shapes", metadata={"help": "a dataset made by data_prep.py"})
     out_dir: str = field(default="out/shapes", metadata={"help": "stage1.pt, stage2.pt, log.jsonl, plots"})
-    init_from: str = field(default="", metadata={"help": "stage 2: the stage-1 checkpoint (default out_dir/stage1.pt)"})
+    init_from: str = field(default="", metadata={"help": "--stage 2 only: the stage-1 checkpoint it continues "
+                                                          "(default out_dir/stage1.pt)"})
     resume: bool = field(default=False, metadata={"help": "continue each stage from its last checkpoint in out_dir"})
     keep_best: bool = field(default=True, metadata={"help": "stage 1: stage1.pt is the lowest val loss, the last "
                                                             "state goes to stage1.last.pt (stage 2 keeps its last)"})
@@ -79,7 +81,7 @@ class Config:
     # stage 1
     batch_size: int = field(default=32, metadata={"help": "stage 1: images per step and process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per step (for small GPUs)"})
-    max_iters: int = field(default=600, metadata={"help": "stage 1: steps"})
+    max_iters: int = field(default=600, metadata={"help": "stage 1: steps (0: save the initial state)"})
     lr: float = field(default=1e-3, metadata={"help": "stage 1: peak learning rate"})
     warmup_iters: int = field(default=100, metadata={"help": "stage 1: linear warmup, then cosine to lr/10"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW, on matrices only (both stages)"})
@@ -93,7 +95,7 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; REINFORCE uses its log-probs"})
     max_new_tokens: int = field(default=40, metadata={"help": "longest sampled caption"})
     # stage 2
-    stage2_iters: int = field(default=300, metadata={"help": "stage 2: steps"})
+    stage2_iters: int = field(default=300, metadata={"help": "stage 2: steps (0: save the initial state)"})
     stage2_batch_size: int = field(default=16, metadata={"help": "stage 2: unlabeled images per step and process"})
     stage2_lr: float = field(default=1e-4, metadata={"help": "stage 2: peak learning rate"})
     stage2_warmup_iters: int = field(default=0, metadata={"help": "stage 2: linear warmup (0: it continues a policy)"})
@@ -227,8 +229,8 @@ def train_stage(cfg, stage, system):
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
     # what every checkpoint of the stage records besides its state; reference: the KL's, by its weights
     info = dict(config=asdict(cfg), clip=clip_info, reward_clip=reward_info, tokenizer=tok.describe(), stage=stage,
-                init_from=start, reference=state_digest(reference) if reference is not None else "", split=split,
-                pools=pools)
+                init_from=os.path.abspath(start) if start else "", split=split, pools=pools,
+                reference=state_digest(reference) if reference is not None else "")
     step, best = together(ddp, resume_from, cfg, stage, info, model, optimizer, gen, system)
     forward = torch.compile(model) if cfg.compile else model
     forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if ddp else forward
@@ -240,9 +242,9 @@ def train_stage(cfg, stage, system):
               f"{'labeled' if stage == 1 else 'unlabeled'} images{where}; device {device}, {system.dtype}")
 
     model.train()
-    t0 = time.time()
+    t0, first = time.time(), step
     while True:
-        if step % cfg.eval_interval == 0 or step == iters:
+        if step == first or step % cfg.eval_interval == 0 or step == iters:  # where it starts (or resumes), and so on
             rngs = rng_states(system, gen)  # every rank's streams, so that a resume gives each its own back
             # rank 0's work, under together: if it fails, every rank stops with its one line
             best = together(ddp, evaluate_and_save, cfg, stage, step, iters, model, optimizer, rngs, val, tok,
@@ -281,10 +283,12 @@ def checkpoint_files(cfg, stage):
 
 
 def last_state_file(cfg, stage):
-    """The stage's last state, whatever --keep_best was when it was written: stage<N>.last.pt where
-    it exists (a --keep_best run, whose stage<N>.pt is its best), else stage<N>.pt."""
-    last = os.path.join(cfg.out_dir, f"stage{stage}.last.pt")
-    return last if os.path.isfile(last) else os.path.join(cfg.out_dir, f"stage{stage}.pt")
+    """The stage's last state, whatever --keep_best was when it was written: of stage<N>.pt and
+    stage<N>.last.pt (a --keep_best run's, whose stage<N>.pt is its best), the one of the later step."""
+    path, last = (os.path.join(cfg.out_dir, f"stage{stage}{s}.pt") for s in ("", ".last"))
+    if not os.path.isfile(last) or os.path.isfile(path) and checkpoint_step(path) > checkpoint_step(last):
+        return path
+    return last
 
 
 def last_good(cfg, stage):
@@ -315,9 +319,6 @@ def evaluate_and_save(cfg, stage, step, iters, model, optimizer, rngs, val, tok,
     if improved:
         best = {"val_loss": result["val_loss"], "step": step}
     save_checkpoint(last_path, model, **info, step=step, optimizer=optimizer.state_dict(), best=best, **rngs)
-    stale = os.path.join(cfg.out_dir, f"stage{stage}.last.pt")
-    if last_path == path and os.path.exists(stale):  # an earlier --keep_best run's last state: older than this
-        os.remove(stale)
     if last_path != path and improved:  # the best is a copy of the last, taken when it was the best
         layout.atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
         print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
@@ -353,18 +354,30 @@ def resume_from(cfg, stage, info, model, optimizer, gen, system):
     check_checkpoint(cfg, path, ckpt, info["clip"], model)
     check_pools(path, ckpt, info["pools"])
     check_reference(path, ckpt, info)
-    # one stream per rank (a checkpoint from before they were all saved holds rank 0's alone)
-    gens, rngs = (ckpt["generators"], ckpt["torch_rngs"]) if "generators" in ckpt else ([ckpt["generator"]],
-                                                                                           [ckpt["torch_rng"]])
+    iters = cfg.max_iters if stage == 1 else cfg.stage2_iters
+    if ckpt["step"] > iters:
+        raise SystemExit(f"error: {path} is at step {ckpt['step']}, past --{'max' if stage == 1 else 'stage2'}_iters "
+                         f"{iters}; resume with at least {ckpt['step']} steps, or start afresh in a new --out_dir")
     world = dist.get_world_size() if system.ddp else 1
-    if len(gens) != world:
-        raise SystemExit(f"error: {path} holds the random streams of {len(gens)} process(es), and this run has "
-                         f"{world}: resume with {len(gens)} (torchrun --nproc_per_node {len(gens)}, or none for 1), "
-                         f"or start afresh in a new --out_dir")
+    if "generators" in ckpt and len(ckpt["generators"]) != world:
+        n = len(ckpt["generators"])
+        raise SystemExit(f"error: {path} was written by a run of {n} process(es), and this run has {world}: each "
+                         f"continues its own random stream, so resume with {n} (torchrun --nproc_per_node {n}, or no "
+                         f"torchrun for 1), or start afresh in a new --out_dir")
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
-    gen.set_state(gens[system.rank])
-    torch.set_rng_state(rngs[system.rank])  # after CLIP's construction, which draws from it
+    if "generators" in ckpt:  # each rank's own random streams
+        gen.set_state(ckpt["generators"][system.rank])
+        torch.set_rng_state(ckpt["torch_rngs"][system.rank])  # after CLIP's construction, which draws from it
+    else:  # a checkpoint from before every rank's streams were saved: it holds rank 0's alone
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if system.rank > 0:  # another rank must not repeat rank 0's draws: it starts its own stream again
+            gen.manual_seed(cfg.seed + system.rank)
+            torch.manual_seed(cfg.seed + system.rank)
+        if world > 1 and system.master:
+            print(f"note: {path} holds rank 0's random stream only; ranks 1 to {world - 1} start theirs from "
+                  f"--seed again, so this run departs from what an uninterrupted one would have drawn")
     if system.master:
         restart_log(cfg.out_dir, stage, ckpt["step"])  # the records of steps after it, from the run it stopped
         print(f"resuming stage {stage} from {path}, step {ckpt['step']}")

@@ -96,6 +96,13 @@ def read_checkpoint(path):
     return ckpt
 
 
+def checkpoint_step(path):
+    """The step of a checkpoint, read without loading its tensors (they stay memory-mapped)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+
+
 def load_captioner(path, device="cpu"):
     """(Captioner in eval mode, checkpoint dict) from a checkpoint file, loaded strictly."""
     ckpt = read_checkpoint(path)

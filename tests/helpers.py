@@ -31,7 +31,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(fn, args, nprocs=2, timeout=120):
+def run_ranks(fn, args, nprocs=2, timeout=300):
     """fn(rank, *args) in nprocs spawned processes, as torchrun would start them; fails the test if a
     rank is still running after `timeout` seconds (a rank left waiting on a collective)."""
     ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
@@ -40,7 +40,7 @@ def run_ranks(fn, args, nprocs=2, timeout=120):
             return
     for p in ctx.processes:
         p.kill()
-    pytest.fail("a rank is still running: the failure did not reach it")
+    pytest.fail(f"a rank is still running after {timeout} s: left waiting on a collective (or a very slow machine)")
 
 
 def join_as_rank(rank, port, world=2):

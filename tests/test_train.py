@@ -251,21 +251,51 @@ def test_zero_steps_save_the_initial_state(tmp_path, tiny_shapes):
 
 def test_resume_without_keep_best_continues_the_last_state(tmp_path, tiny_shapes, monkeypatch, capsys):
     """A run with --keep_best (stage1.pt the best, step 2; stage1.last.pt the last, step 4), resumed
-    with --keep_best false, continues from step 4, not from the best; the older .last.pt goes."""
-    kw = dict(stage=1, data_dir=tiny_shapes, out_dir=str(tmp_path), batch_size=4, max_iters=4, eval_interval=2,
+    with --keep_best false, continues from step 4, not from the best; resumed again, from the later
+    of the two files. A checkpoint past --max_iters is one line."""
+    kw = dict(stage=1, data_dir=tiny_shapes, out_dir=str(tmp_path), batch_size=4, eval_interval=2, log_interval=1,
               contrastive_weight=0.0)
     scripted_evaluate(monkeypatch, [9.0, 1.0, 2.0])
-    train.main(train.Config(**kw))
-    last = read_checkpoint(tmp_path / "stage1.last.pt")
-    assert (read_checkpoint(tmp_path / "stage1.pt")["step"], last["step"]) == (2, 4)
+    train.main(train.Config(**kw, max_iters=4))
+    assert (read_checkpoint(tmp_path / "stage1.pt")["step"], read_checkpoint(tmp_path / "stage1.last.pt")["step"]) \
+        == (2, 4)
     capsys.readouterr()
-    scripted_evaluate(monkeypatch, [3.0])
-    train.main(train.Config(**kw, resume=True, keep_best=False))
+    scripted_evaluate(monkeypatch, [3.0, 3.0])  # steps 4 (where it resumes) and 6
+    train.main(train.Config(**kw, max_iters=6, resume=True, keep_best=False))
     out = capsys.readouterr().out
-    assert f"resuming stage 1 from {tmp_path / 'stage1.last.pt'}, step 4" in out and "step 3/4" not in out
-    now = read_checkpoint(tmp_path / "stage1.pt")
-    assert now["step"] == 4 and all(torch.equal(now["model"][k], last["model"][k]) for k in now["model"])
-    assert not (tmp_path / "stage1.last.pt").exists()  # stage1.pt now holds the last state
+    assert f"resuming stage 1 from {tmp_path / 'stage1.last.pt'}, step 4" in out
+    assert "step 3/6" not in out and "step 5/6" in out  # steps 3 and 4 were not done again
+    assert read_checkpoint(tmp_path / "stage1.pt")["step"] == 6  # --keep_best false: the last state
+    scripted_evaluate(monkeypatch, [3.0, 3.0])
+    train.main(train.Config(**kw, max_iters=8, resume=True, keep_best=False))
+    assert f"resuming stage 1 from {tmp_path / 'stage1.pt'}, step 6" in capsys.readouterr().out  # not .last's 4
+    with pytest.raises(SystemExit, match="is at step 8, past --max_iters 6"):
+        train.main(train.Config(**kw, max_iters=6, resume=True))
+
+
+def test_a_checkpoint_from_before_per_rank_streams_resumes_exactly(tmp_path, tiny_shapes, monkeypatch):
+    """A single process's checkpoint with the old keys (generator, torch_rng; no KL reference, no split
+    digest) resumes to the uninterrupted run's weights."""
+    kw = dict(stage=1, data_dir=tiny_shapes, batch_size=4, max_iters=4, eval_interval=2, contrastive_weight=0.5,
+              contrastive_samples=2)
+    train.main(train.Config(**kw, out_dir=str(tmp_path / "whole")))
+    lr_at = train.lr_at
+
+    def stop_at_2(step, *args):
+        if step == 2:
+            raise KeyboardInterrupt
+        return lr_at(step, *args)
+    monkeypatch.setattr(train, "lr_at", stop_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.Config(**kw, out_dir=str(tmp_path / "old")))
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    path = tmp_path / "old" / "stage1.last.pt"
+    ckpt = read_checkpoint(path)
+    ckpt["generator"], ckpt["torch_rng"] = ckpt.pop("generators")[0], ckpt.pop("torch_rngs")[0]
+    del ckpt["reference"], ckpt["split"]["labeled"]
+    torch.save(ckpt, path)
+    train.main(train.Config(**kw, out_dir=str(tmp_path / "old"), resume=True))
+    assert same_weights(tmp_path / "whole" / "stage1.last.pt", tmp_path / "old" / "stage1.last.pt")
 
 
 def test_a_nan_validation_loss_is_one_line_naming_the_last_good_checkpoint(tmp_path, tiny_shapes, monkeypatch):
@@ -325,6 +355,8 @@ def test_resumed_stage2_keeps_its_kl_reference(tmp_path, tiny_shapes):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++)")
 def test_bfloat16_and_compile_train_both_stages_and_sample(tmp_path, tiny_shapes):
     """The GPU presets' code path (bf16 autocast, torch.compile) on the CPU: both stages train, the
     compiled forward gives the eager one's losses, and the checkpoint samples."""

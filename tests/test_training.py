@@ -147,13 +147,14 @@ def test_a_fresh_stage_drops_its_old_log_records_and_keeps_earlier_stages(tmp_pa
     assert read_log(tmp_path) == []
     restart_log(tmp_path / "none", 1)  # no log yet: nothing to do
     assert not (tmp_path / "none").exists()
-    # a resume from step 2 keeps the steps up to 2, drops the evaluation at 2 (it is done again) and what followed
+    # a resume of stage 1 from step 2 keeps its steps up to 2, drops its evaluation at 2 (done again) and its
+    # later steps, and keeps stage 2's records (a two-stage --resume whose stage 1 had finished, say)
     run = [{"stage": 1, "iter": 0, "captions": []}, {"stage": 1, "iter": 1}, {"stage": 1, "iter": 2},
            {"stage": 1, "iter": 2, "captions": []}, {"stage": 1, "iter": 3}, {"stage": 2, "iter": 1}]
     for r in run:
         log_jsonl(tmp_path, r)
     restart_log(tmp_path, 1, step=2)
-    assert read_log(tmp_path) == run[:3]
+    assert read_log(tmp_path) == run[:3] + run[5:]
 
 
 def test_the_small_world_presets_parse_and_pick_the_small_models():

@@ -139,8 +139,11 @@ def encode_shard(cfg, clip, tar, show):
     """A tar -> its feature shard (+ .jsonl), unless a shard of the same CLIP and tar exists.
     Returns (images encoded, unreadable samples); (0, 0) when the shard was kept."""
     path = os.path.join(cfg.data_dir, shard_name(tar))
-    if file_header(path).get("source") == tar_source(clip, tar):
+    made_from = file_header(path).get("source")
+    if made_from == tar_source(clip, tar):
         return 0, 0
+    if made_from:  # a shard of another CLIP or tar, or of the same files changed in place (size, mtime)
+        print(f"{path}: its tar or CLIP changed since it was made: encoding {tar} again", flush=True)
     if not os.path.isfile(tar) and "://" not in tar and not tar.startswith("pipe:"):
         raise SystemExit(f"error: {tar}: no such file; check the paths in --shards")
     encoder = clip.get()

@@ -25,6 +25,8 @@ def check_config(cfg):
         (cfg.stage in (0, 1, 2), f"--stage {cfg.stage}: use 1, 2, or 0 (1 then 2)"),
         (not cfg.init_from or cfg.stage == 2, "--init_from names the checkpoint that --stage 2 continues; in a run of "
          "both stages, stage 2 continues the stage 1 it has just trained: pass --stage 2, or drop --init_from"),
+        (not cfg.unlabeled_pool or stage2, "--unlabeled_pool adds unlabeled images to stage 2; --stage 1 never reads "
+         "them: drop it, or run stage 2"),
         (0 < cfg.labeled_fraction <= 1, f"--labeled_fraction {cfg.labeled_fraction}: a share of the captioned train "
          f"images, in (0, 1]"),
         (cfg.max_iters >= 0 and cfg.stage2_iters >= 0, "--max_iters and --stage2_iters are step counts: 0 or more"),
@@ -113,10 +115,11 @@ def check_split(path, ckpt, split):
                                           theirs.get("n_captioned"))
         _, pool = layout.labeled_split(split["n_train"], split["labeled_fraction"], split["seed"], split["n_captioned"])
         was, now = (n if n is not None else "all" for n in (theirs.get("n_captioned"), split["n_captioned"]))
-        raise SystemExit(f"error: {path} learned from another labeled split: its dataset had {was} captioned train "
-                         f"images, this one has {now}, which would put {len(set(labeled) & set(pool))} of the "
-                         f"{len(labeled)} images it learned with their captions into stage 2's unlabeled pool; pass "
-                         f"the --data_dir it was trained on, or train stage 1 again on this one")
+        why = (f"its dataset had {was} captioned train images, this one has {now}, which would put "
+               f"{len(set(labeled) & set(pool))} of the {len(labeled)} images it learned with their captions into "
+               f"stage 2's unlabeled pool" if was != now else "the same flags choose other labeled images here")
+        raise SystemExit(f"error: {path} learned from another labeled split: {why}; pass the --data_dir it was "
+                         f"trained on, or train stage 1 again on this one")
 
 
 def check_reference(path, ckpt, info):
@@ -124,8 +127,8 @@ def check_reference(path, ckpt, info):
     holding the same weights (a digest of them); otherwise say so in one line."""
     if ckpt.get("stage") != 2:
         return
-    theirs, ours = ckpt.get("init_from", ""), info["init_from"]
-    if theirs and not layout.same_clip(os.path.abspath(theirs), os.path.abspath(ours)):  # same path or same file
+    theirs, ours = ckpt.get("init_from", ""), info["init_from"]  # absolute (older checkpoints: as typed)
+    if theirs and not layout.same_clip(os.path.abspath(theirs), ours):  # the same path, or the same file
         raise SystemExit(f"error: {path} continued {theirs}, its KL reference, and this run's is {ours}: resume with "
                          f"--init_from {theirs}, or start stage 2 afresh in a new --out_dir")
     if ckpt.get("reference") and ckpt["reference"] != info["reference"]:

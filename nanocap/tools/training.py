@@ -33,7 +33,9 @@ def pick_device(name="auto", local_rank=None):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"error: --device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device {name} is not a device nanocap runs on; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
             getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise SystemExit(f"error: --device {name}, but this torch sees no {device.type.upper()} device; use "
@@ -164,15 +166,16 @@ def read_log(out_dir):
 
 
 def restart_log(out_dir, stage, step=0):
-    """A stage that starts at `step` (0: afresh; a resume: its checkpoint's step) drops from log.jsonl
-    what it will write again: its evaluation at `step` (records with captions), its steps after
-    `step`, and every later stage's records. A rerun in the same out_dir then plots one run, not
-    two on top of each other, and a resumed run logs what an uninterrupted one does."""
+    """A stage that starts at `step` drops from log.jsonl what it will write again. Afresh (step 0):
+    its own and every later stage's records, so that a rerun in the same out_dir plots one run, not
+    two on top of each other. Resumed: its evaluation at `step` (a record with captions) and its
+    steps after it, so that a resumed run logs what an uninterrupted one does."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         return
     before = lambda r: r["iter"] < step or (r["iter"] == step and "captions" not in r)  # this stage's to keep
-    write_jsonl(path, [r for r in read_log(out_dir) if r["stage"] < stage or r["stage"] == stage and before(r)])
+    keep = lambda r: r["stage"] < stage or (r["stage"] == stage and before(r)) or (r["stage"] > stage and step > 0)
+    write_jsonl(path, [r for r in read_log(out_dir) if keep(r)])
 
 
 def plot_log(out_dir, stage):

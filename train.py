@@ -42,8 +42,8 @@ from nanocap.tokenizer import caption_batch, get_tokenizer
 from nanocap.tools.checks import (check_checkpoint, check_config, check_pools, check_reference, check_split,
                                   check_splits, resolve_clips, split_digest)
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import (lr_at, log_jsonl, make_optimizer, plot_log, restart_log, rng_states, setup_system,
-                                    together)
+from nanocap.tools.training import (lr_at, log_jsonl, make_optimizer, plot_log, restart_log, rng_states,
+                                    set_rng_states, setup_system, together)
 
 # -----------------------------------------------------------------------------
 # config
@@ -358,26 +358,9 @@ def resume_from(cfg, stage, info, model, optimizer, gen, system):
     if ckpt["step"] > iters:
         raise SystemExit(f"error: {path} is at step {ckpt['step']}, past --{'max' if stage == 1 else 'stage2'}_iters "
                          f"{iters}; resume with at least {ckpt['step']} steps, or start afresh in a new --out_dir")
-    world = dist.get_world_size() if system.ddp else 1
-    if "generators" in ckpt and len(ckpt["generators"]) != world:
-        n = len(ckpt["generators"])
-        raise SystemExit(f"error: {path} was written by a run of {n} process(es), and this run has {world}: each "
-                         f"continues its own random stream, so resume with {n} (torchrun --nproc_per_node {n}, or no "
-                         f"torchrun for 1), or start afresh in a new --out_dir")
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
-    if "generators" in ckpt:  # each rank's own random streams
-        gen.set_state(ckpt["generators"][system.rank])
-        torch.set_rng_state(ckpt["torch_rngs"][system.rank])  # after CLIP's construction, which draws from it
-    else:  # a checkpoint from before every rank's streams were saved: it holds rank 0's alone
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if system.rank > 0:  # another rank must not repeat rank 0's draws: it starts its own stream again
-            gen.manual_seed(cfg.seed + system.rank)
-            torch.manual_seed(cfg.seed + system.rank)
-        if world > 1 and system.master:
-            print(f"note: {path} holds rank 0's random stream only; ranks 1 to {world - 1} start theirs from "
-                  f"--seed again, so this run departs from what an uninterrupted one would have drawn")
+    set_rng_states(ckpt, path, system, gen, cfg.seed)  # after CLIP's construction, which draws from torch's
     if system.master:
         restart_log(cfg.out_dir, stage, ckpt["step"])  # the records of steps after it, from the run it stopped
         print(f"resuming stage {stage} from {path}, step {ckpt['step']}")

@@ -20,31 +20,36 @@ def sample_cli(*args):
     return cli("sample.py", *args)
 
 
+def sample_here(*args):
+    """sample.py's main in this process (no interpreter start-up): its return code."""
+    return sample.main(parse_config(sample.Config, [str(a) for a in args]))
+
+
 @pytest.mark.slow
-def test_captions_a_generated_image_and_a_folder(tmp_path, tiny_run):
+def test_captions_a_generated_image_and_a_folder(tmp_path, tiny_run, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, scene in enumerate(make_split(3, seed=5)):
         render(scene).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_text("not an image")
-    r = sample_cli("--out_dir", tiny_run, "--image", str(folder / "0.png"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(str(folder / "0.png") + ": ")
     r = sample_cli("--out_dir", tiny_run, "--image", str(folder), "--method", "beam", "--beam_size", "3")
     assert r.returncode == 1  # the bad file is reported, the good ones are still captioned
     assert len([l for l in r.stdout.splitlines() if ": " in l]) == 3
     assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
-    r = sample_cli("--out_dir", tiny_run, "--image", str(folder / "1.png"), "--method", "sample",
-                   "--num_captions", "3", "--top_p", "0.9")
-    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
+    # the other modes in this process (the command line above is the one a user types)
+    assert sample_here("--out_dir", tiny_run, "--image", folder / "0.png") == 0
+    assert capsys.readouterr().out.startswith(str(folder / "0.png") + ": ")
+    assert sample_here("--out_dir", tiny_run, "--image", folder / "1.png", "--method", "sample",
+                       "--num_captions", "3", "--top_p", "0.9") == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
 
 
 @pytest.mark.slow
 def test_user_errors_get_one_line(tmp_path, tiny_run):
     r = sample_cli("--out_dir", tiny_run, "--image", str(tmp_path / "missing.jpg"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no such file" in r.stderr
-    r = sample_cli("--out_dir", str(tmp_path), "--image", str(tmp_path / "missing.jpg"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "train.py --stage 1" in r.stderr
+    with pytest.raises(SystemExit, match="^error: .*train.py --stage 1"):  # one line (in this process)
+        sample_here("--out_dir", tmp_path, "--image", tmp_path / "missing.jpg")
 
 
 @pytest.mark.slow
@@ -87,22 +92,23 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run, cap
 
 
 @pytest.mark.slow
-def test_table_collects_score_files(tmp_path):
+def test_table_collects_score_files(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps({"BLEU-4": 12.345, "CIDEr": 100.0, "distinct": 50}))
     (tmp_path / "b.json").write_text(json.dumps({"CIDEr": 7.0}))
     (tmp_path / "a.captions.json").write_text(json.dumps([{"image_id": 0, "caption": "x"}]))  # caught by a glob
     (tmp_path / "notes.json").write_text(json.dumps(["not scores"]))
-    r = sample_cli("--table", *(str(tmp_path / f) for f in ("a.json", "a.captions.json", "notes.json", "b.json")))
-    assert r.returncode == 0, r.stderr
-    assert "notes.json is not a score file" in r.stderr and "captions" not in r.stderr  # captions: passed over
-    header, rule, a, b = r.stdout.strip().splitlines()
+    files = (tmp_path / f for f in ("a.json", "a.captions.json", "notes.json", "b.json"))
+    assert sample_here("--table", *files) == 0
+    out, err = capsys.readouterr()
+    assert "notes.json is not a score file" in err and "captions" not in err  # captions: passed over
+    header, rule, a, b = out.strip().splitlines()
     assert header.split("|")[1].strip() == "run" and "CIDEr" in header
     cells = lambda row: [c.strip() for c in row.strip("|").split("|")]
     cols = cells(header)
     assert cells(a)[0] == "a" and cells(a)[cols.index("BLEU-4")] == "12.3" and cells(a)[cols.index("CIDEr")] == "100.0"
     assert cells(b)[cols.index("BLEU-4")] == "–" and cells(b)[cols.index("CIDEr")] == "7.0"
-    r = sample_cli("--table", str(tmp_path / "missing.json"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "missing.json" in r.stderr
+    with pytest.raises(SystemExit, match="^error: .*missing.json"):
+        sample_here("--table", tmp_path / "missing.json")
 
 
 # ---- the image loader ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """
 Small helpers that training needs and that would only clutter train.py: the device (and the DDP
 process group), one rank's failure stopping every rank (together), every rank's random streams
-for an exact resume (rng_states), the AdamW parameter groups (one weight-decay rule for the
-captioner and the toy CLIPs and GPT), the learning-rate schedule, and the training log with its plot.
+for an exact resume (rng_states, set_rng_states), the AdamW parameter groups (one weight-decay
+rule for the captioner and the toy CLIPs and GPT), the learning-rate schedule, and the training
+log with its plot.
 """
 
 import json
@@ -120,6 +121,30 @@ def rng_states(system, gen):
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
     return {"generators": [g for g, _ in every], "torch_rngs": [r for _, r in every]}
+
+
+def set_rng_states(ckpt, path, system, gen, seed):
+    """rng_states' inverse on --resume: this rank's streams from the checkpoint at `path`. A run
+    resumes with as many ranks as wrote it, or one line says so. A checkpoint written before every
+    rank's streams were saved holds rank 0's alone: the other ranks start theirs again from the seed."""
+    world = dist.get_world_size() if system.ddp else 1
+    if "generators" in ckpt and len(ckpt["generators"]) != world:
+        n = len(ckpt["generators"])
+        raise SystemExit(f"error: {path} was written by a run of {n} process(es), and this run has {world}: each "
+                         f"continues its own random stream, so resume with {n} (torchrun --nproc_per_node {n}, or no "
+                         f"torchrun for 1), or start afresh in a new --out_dir")
+    if "generators" in ckpt:
+        gen.set_state(ckpt["generators"][system.rank])
+        torch.set_rng_state(ckpt["torch_rngs"][system.rank])
+        return
+    gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if system.rank > 0:  # another rank must not repeat rank 0's draws
+        gen.manual_seed(seed + system.rank)
+        torch.manual_seed(seed + system.rank)
+    if world > 1 and system.master:
+        print(f"note: {path} holds rank 0's random stream only; ranks 1 to {world - 1} start theirs from --seed "
+              f"again, so this run departs from what an uninterrupted one would have drawn")
 
 
 def param_groups(model, weight_decay):

@@ -244,7 +244,7 @@ def train_stage(cfg, stage, system):
     model.train()
     t0, first = time.time(), step
     while True:
-        if step == first or step % cfg.eval_interval == 0 or step == iters:  # where it starts (or resumes), and so on
+        if step == first or step % cfg.eval_interval == 0 or step == iters:  # the start (or resumed step), the end
             rngs = rng_states(system, gen)  # every rank's streams, so that a resume gives each its own back
             # rank 0's work, under together: if it fails, every rank stops with its one line
             best = together(ddp, evaluate_and_save, cfg, stage, step, iters, model, optimizer, rngs, val, tok,

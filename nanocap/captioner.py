@@ -97,10 +97,14 @@ def read_checkpoint(path):
 
 
 def checkpoint_step(path):
-    """The step of a checkpoint, read without loading its tensors (they stay memory-mapped)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    """The step of a checkpoint, read without loading its tensors (they stay memory-mapped); -1 for a
+    file that cannot be read so (read_checkpoint then says what is wrong with it, in one line)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return -1
 
 
 def load_captioner(path, device="cpu"):

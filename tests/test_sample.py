@@ -53,16 +53,16 @@ def test_user_errors_get_one_line(tmp_path, tiny_run):
 
 
 @pytest.mark.slow
-def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run):
+def test_eval_writes_scores_and_coco_captions(tmp_path, tiny_run, capsys):
     out = tmp_path / "res" / "test.json"
-    r = sample_cli("--out_dir", tiny_run, "--split", "test", "--eval", "--out_json", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert sample_here("--out_dir", tiny_run, "--split", "test", "--eval", "--out_json", out) == 0
+    printed = capsys.readouterr().out
     scores = json.loads(out.read_text())
     for key in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S", "R@1", "R@5", "R@10",
                 "no_claim", "attr_recall", "fluency", "reward CLIP-S", "reward R@1"):
         assert key in scores
     # the shapes world's judge is the evaluation CLIP; the reward CLIP's own score is kept apart
-    assert "judged by" in r.stdout and "reward CLIP-S and R@1 by the reward CLIP" in r.stdout
+    assert "judged by" in printed and "reward CLIP-S and R@1 by the reward CLIP" in printed
     captions = json.loads((tmp_path / "res" / "test.captions.json").read_text())
     assert set(captions[0]) == {"image_id", "caption"} and len(captions) == 16
 
@@ -73,17 +73,15 @@ def test_compare_prints_each_checkpoint_and_draws_a_grid(tmp_path, tiny_run, cap
     ckpt = os.path.join(tiny_run, "stage1.pt")
     (tmp_path / "copy").mkdir()
     shutil.copy(ckpt, tmp_path / "copy" / "stage1.pt")  # two runs: labels become run/stage1, copy/stage1
-    r = sample_cli("--split", "test", "--compare", "3", "--ckpts", ckpt, str(tmp_path / "copy" / "stage1.pt"),
-                   "--grid", str(grid))
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.splitlines()
+    assert sample_here("--split", "test", "--compare", "3", "--ckpts", ckpt, tmp_path / "copy" / "stage1.pt",
+                       "--grid", grid) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert sum(l.startswith("images/") for l in lines) == 3
     assert sum(l.strip().startswith("reference:") for l in lines) == 3
     assert sum(l.strip().startswith("copy/stage1:") for l in lines) == 3
     assert sum("/stage1:" in l for l in lines) == 6  # two columns, three images
     assert sum(bool(re.search(r"\[\d+ true(; false: .+)?\]$", l)) for l in lines) == 6  # each claim checked
     assert Image.open(grid).format == "PNG"
-    # the rest in this process (the command line above is the one a user types)
     sample.main(parse_config(sample.Config, ["--split", "test", "--compare", "2", "--ckpts", ckpt, ckpt]))
     out = capsys.readouterr().out  # the same file twice: two columns
     assert sum(l.strip().startswith("stage 1 (2):") for l in out.splitlines()) == 2

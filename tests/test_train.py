@@ -11,14 +11,16 @@ import time
 import pytest
 import torch
 
+import sample
 import train
 from nanocap import losses
 from nanocap.captioner import load_captioner, read_checkpoint, state_digest
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout
 from nanocap.tokenizer import caption_batch, get_tokenizer
+from nanocap.tools.cli import parse_config
 from nanocap.tools.training import System
-from tests.helpers import cli, cli_start
+from tests.helpers import cli_start
 
 
 def run(out_dir, data_dir, **kw):
@@ -162,7 +164,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     args = ["--stage", "1", "--data_dir", tiny_shapes, "--max_iters", "8", "--eval_interval", "2",
             "--log_interval", "1", "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
     a = tmp_path / "a"
-    assert cli("train.py", "--out_dir", a, *args).returncode == 0
+    train.main(parse_config(train.Config, ["--out_dir", str(a), *args]))  # uninterrupted, in this process
     b = tmp_path / "b"
     proc = cli_start("train.py", "--out_dir", b, *args)
     deadline = time.time() + 120
@@ -175,7 +177,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     proc.wait()
     step = read_checkpoint(b / "stage1.last.pt")["step"]
     assert 0 < step < 8, "the kill should land mid-run"
-    assert cli("train.py", "--out_dir", b, "--resume", *args).returncode == 0
+    train.main(parse_config(train.Config, ["--out_dir", str(b), "--resume", *args]))  # the resume, here too
     assert read_checkpoint(b / "stage1.last.pt")["step"] == 8
     assert same_weights(a / "stage1.last.pt", b / "stage1.last.pt")  # the last state, bit for bit
     assert same_weights(a / "stage1.pt", b / "stage1.pt")  # and the same best, though it may predate the kill
@@ -357,7 +359,7 @@ def test_resumed_stage2_keeps_its_kl_reference(tmp_path, tiny_shapes):
 @pytest.mark.slow
 @pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++)")
-def test_bfloat16_and_compile_train_both_stages_and_sample(tmp_path, tiny_shapes):
+def test_bfloat16_and_compile_train_both_stages_and_sample(tmp_path, tiny_shapes, capsys):
     """The GPU presets' code path (bf16 autocast, torch.compile) on the CPU: both stages train, the
     compiled forward gives the eager one's losses, and the checkpoint samples. One step a stage (each
     compile costs about 15 s here): stage 2's other shapes make dynamo compile the forward again,
@@ -375,6 +377,7 @@ def test_bfloat16_and_compile_train_both_stages_and_sample(tmp_path, tiny_shapes
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     images = os.path.join(tiny_shapes, "test", "images")
     image = os.path.join(images, sorted(os.listdir(images))[0])
-    r = cli("sample.py", "--out_dir", tmp_path / "compiled", "--image", image)  # stage2.pt, the latest
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith(f"{image}: ") and len(r.stdout.split(": ", 1)[1].split()) >= 1
+    capsys.readouterr()
+    assert sample.main(parse_config(sample.Config, ["--out_dir", str(tmp_path / "compiled"), "--image", image])) == 0
+    out = capsys.readouterr().out  # stage2.pt, the latest, captions the image
+    assert out.startswith(f"{image}: ") and len(out.split(": ", 1)[1].split()) >= 1

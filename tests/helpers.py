@@ -1,4 +1,4 @@
-"""Running the project's scripts the way a user does, for the tests that check their command lines."""
+"""Running the project's scripts the way a user does: as a command, or as the ranks torchrun starts."""
 import os
 import socket
 import subprocess

@@ -291,10 +291,13 @@ def last_state_file(cfg, stage):
     return last
 
 
-def last_good(cfg, stage):
-    """What a one-line error names as the checkpoint to resume from."""
+def not_finite(cfg, stage, what, value, step):
+    """The one line that stops a run whose `what` (the loss, a val figure) became `value` (NaN, inf),
+    naming the checkpoint to resume from."""
     path = last_state_file(cfg, stage)
-    return path if os.path.isfile(path) else "none yet"
+    return SystemExit(f"error: the {what} became {value} at step {step}; the last good checkpoint is "
+                      f"{path if os.path.isfile(path) else 'none yet'}. Lower {'--lr' if stage == 1 else '--stage2_lr'}"
+                      f" and resume with --resume")
 
 
 def evaluate_and_save(cfg, stage, step, iters, model, optimizer, rngs, val, tok, reward_clip, system, info, best):
@@ -310,9 +313,7 @@ def evaluate_and_save(cfg, stage, step, iters, model, optimizer, rngs, val, tok,
     log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
     for k, v in result.items():
         if not math.isfinite(v):  # a NaN is never "the lowest so far": stop before it overwrites a good state
-            raise SystemExit(f"error: the {k} became {v} at step {step}; the last good checkpoint is "
-                             f"{last_good(cfg, stage)}. Lower {'--lr' if stage == 1 else '--stage2_lr'} and resume "
-                             f"with --resume")
+            raise not_finite(cfg, stage, k, v, step)
     if step == 0 and iters > 0:
         return best
     improved = stage == 1 and result["val_loss"] < best["val_loss"]
@@ -371,9 +372,7 @@ def finite_loss(cfg, stage, step, model, forward, reference, train_set, reward_c
     """stage_loss, or one line if it is not finite."""
     loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
     if not torch.isfinite(loss):
-        raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good checkpoint is "
-                         f"{last_good(cfg, stage)}. Lower {'--lr' if stage == 1 else '--stage2_lr'} and resume "
-                         f"with --resume")
+        raise not_finite(cfg, stage, "loss", loss.item(), step)
     return loss, stats
 
 

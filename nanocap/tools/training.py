@@ -21,24 +21,22 @@ from nanocap.data.layout import write_jsonl
 
 
 def pick_device(name="auto", local_rank=None):
-    """auto: CUDA if present, else Apple MPS, else CPU. Under DDP on CUDA, the process's own GPU."""
+    """auto: CUDA if present, else Apple MPS, else CPU. Under DDP on CUDA, the process's own GPU.
+    A device nanocap does not run on, or one this torch does not see, is one line."""
+    available = {"cuda": torch.cuda.is_available(),  # in auto's order of preference
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                 "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
+        name = next(kind for kind, present in available.items() if present)
     if name == "cuda" and local_rank is not None:
         name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+    if device is None or device.type not in available:
         raise SystemExit(f"error: --device {name} is not a device nanocap runs on; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
-            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if not available[device.type]:
         raise SystemExit(f"error: --device {name}, but this torch sees no {device.type.upper()} device; use "
                          f"--device auto or cpu")
     if device.type == "cuda":
@@ -128,12 +126,12 @@ def set_rng_states(ckpt, path, system, gen, seed):
     resumes with as many ranks as wrote it, or one line says so. A checkpoint written before every
     rank's streams were saved holds rank 0's alone: the other ranks start theirs again from the seed."""
     world = dist.get_world_size() if system.ddp else 1
-    if "generators" in ckpt and len(ckpt["generators"]) != world:
-        n = len(ckpt["generators"])
-        raise SystemExit(f"error: {path} was written by a run of {n} process(es), and this run has {world}: each "
-                         f"continues its own random stream, so resume with {n} (torchrun --nproc_per_node {n}, or no "
-                         f"torchrun for 1), or start afresh in a new --out_dir")
     if "generators" in ckpt:
+        n = len(ckpt["generators"])
+        if n != world:
+            raise SystemExit(f"error: {path} was written by a run of {n} process(es), and this run has {world}: "
+                             f"each continues its own random stream, so resume with {n} (torchrun --nproc_per_node "
+                             f"{n}, or no torchrun for 1), or start afresh in a new --out_dir")
         gen.set_state(ckpt["generators"][system.rank])
         torch.set_rng_state(ckpt["torch_rngs"][system.rank])
         return

@@ -31,15 +31,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nanocap import losses
+from nanocap.base.files import write_json
+from nanocap.base.system import pick_device
 from nanocap.captioner import Captioner
 from nanocap.clip_encoder import CLIPEncoder
-from nanocap.data import layout, pretrain
+from nanocap.data import pretrain
 from nanocap.decode import beam_search, greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import pick_device
+
 
 # GPU peak bf16 dense FLOP/s, for MFU (from the vendors' data sheets)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -206,7 +208,7 @@ def bench_stage2(shape, batch, k, cfg, device):
 def _tiny_clip_json():
     """A tiny open_clip config (the shapes world's reward CLIP), written to a temp file."""
     path = os.path.join(tempfile.gettempdir(), "nanocap_bench_clip.json")
-    layout.write_json(path, pretrain.REWARD_CLIP_CFG)
+    write_json(path, pretrain.REWARD_CLIP_CFG)
     return path
 
 
@@ -290,7 +292,7 @@ def main(cfg):
     if "mfu_stage1" in results:
         print(f"stage-1 MFU at GPT-2 124M, bf16: {results['mfu_stage1']}")
     if cfg.out:
-        layout.write_json(cfg.out, results)
+        write_json(cfg.out, results)
         print(f"wrote {cfg.out}")
     return results
 

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from nanocap.base.files import read_json, write_json, write_jsonl
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout, pretrain, real, shapes, webpool
 from nanocap.data.images import load_image
@@ -158,7 +159,7 @@ def render_split(cfg, split, n, seed):
         name = f"images/{i:06d}.png"
         shapes.render(scene, size=64).save(os.path.join(folder, name))
         records.append({"image": name, "captions": shapes.captions(scene, rng, n=5), "scene": scene})
-    layout.write_jsonl(index, records)  # written last: its presence means the split is complete
+    write_jsonl(index, records)  # written last: its presence means the split is complete
 
 
 def load_split(cfg, split):
@@ -188,7 +189,7 @@ def pretrain_dtype(cfg, models):
     except ValueError as e:
         raise SystemExit(f"error: --pretrain_dtype: {e}")
     meta_path = os.path.join(cfg.data_dir, "meta.json")
-    made = layout.read_json(meta_path).get("pretrain_dtype") if os.path.exists(meta_path) else None
+    made = read_json(meta_path).get("pretrain_dtype") if os.path.exists(meta_path) else None
     if made and made != dtype and os.listdir(models):
         if cfg.pretrain_dtype == "auto":
             return made  # auto keeps the world as it was made
@@ -262,7 +263,7 @@ def prepare_shapes(cfg):
                 gpt="models/gpt", features_normalized=True, pretrain_dtype=dtype)
     if os.path.exists(os.path.join(models, "clip_comp.safetensors")):  # for train.py --clip or --reward_clip
         meta.update(comp_clip="models/clip_comp.json", comp_clip_weights="models/clip_comp.safetensors")
-    layout.write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
+    write_json(os.path.join(cfg.data_dir, "meta.json"), meta)
     summarize(cfg, encoders, files, gpt_dir, t0, dtype)
 
 
@@ -280,7 +281,7 @@ def summarize(cfg, encoders, files, gpt_dir, t0, dtype):
             probe = pretrain.relation_probe(feats[0], train_scenes, feats[1], scenes)
             if probe is not None:
                 reports[role]["rel_probe"], reports[role]["rel_probe_chance"] = probe
-    vocab = layout.read_json(os.path.join(gpt_dir, "nanocap_vocab.json"))
+    vocab = read_json(os.path.join(gpt_dir, "nanocap_vocab.json"))
     lm = GPT.from_pretrained(gpt_dir)
     val_texts = [c for r in layout.read_jsonl(os.path.join(cfg.data_dir, "val", "captions.jsonl")) for c in r["captions"]]
     ppl = pretrain.lm_perplexity(lm, get_tokenizer("gpt2", vocab), val_texts)
@@ -288,7 +289,7 @@ def summarize(cfg, encoders, files, gpt_dir, t0, dtype):
     summary = dict(counts={s: len(layout.read_jsonl(os.path.join(cfg.data_dir, s, "captions.jsonl"))) for s in SPLITS},
                    size_mb=round(size_mb, 1), clip=reports, gpt_val_perplexity=round(ppl, 3),
                    gpt_params=lm.num_params(), pretrain_dtype=dtype, wall_time_s=round(time.time() - t0, 1))
-    layout.write_json(os.path.join(cfg.data_dir, "summary.json"), summary)
+    write_json(os.path.join(cfg.data_dir, "summary.json"), summary)
     print(f"\nshapes world in {cfg.data_dir}: " + ", ".join(f"{s} {n}" for s, n in summary["counts"].items())
           + f" images, {summary['size_mb']} MB")
     keys = list(reports["reward"])
@@ -314,7 +315,7 @@ def which_dataset(argv):
     peek.add_argument("--config")
     args, _ = peek.parse_known_args(argv)
     if args.dataset is None and args.config and os.path.isfile(args.config):
-        args.dataset = layout.read_json(args.config).get("dataset")
+        args.dataset = read_json(args.config).get("dataset")
     return args.dataset or "shapes"
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanocap.base.files import read_json, write_json
+from nanocap.base.system import pick_device
 from nanocap.captioner import load_captioner
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import grammar, layout, shapes
@@ -42,7 +44,6 @@ from nanocap.losses import clip_s, embed_captions
 from nanocap.tokenizer import get_tokenizer
 from nanocap.tools import report
 from nanocap.tools.cli import parse_config
-from nanocap.tools.training import pick_device
 
 
 @dataclass
@@ -142,7 +143,7 @@ def caption_images(cfg, model, ckpt, tok, device):
 def evaluate_split(cfg, model, ckpt, tok, device):
     from nanocap.tools import metrics  # pycocoevalcap: imported only when scoring
     data_dir = cfg.data_dir or ckpt["config"]["data_dir"]
-    meta = layout.read_json(os.path.join(data_dir, "meta.json"))
+    meta = read_json(os.path.join(data_dir, "meta.json"))
     in_data = lambda p: layout.in_data_dir(data_dir, p)  # names such as ViT-B-32-quickgelu stay names
     split_dir = layout.split_dir(data_dir, cfg.split)
     records = layout.read_jsonl(os.path.join(split_dir, "captions.jsonl"))
@@ -181,10 +182,10 @@ def evaluate_split(cfg, model, ckpt, tok, device):
     print(metrics.format_table(scores))
     if cfg.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out_json)), exist_ok=True)
-        layout.write_json(cfg.out_json, scores)
+        write_json(cfg.out_json, scores)
         stem = cfg.out_json[:-5] if cfg.out_json.endswith(".json") else cfg.out_json
         ids = [r.get("image_id", i) for i, r in enumerate(records)]
-        layout.write_json(stem + ".captions.json", [{"image_id": i, "caption": c} for i, c in zip(ids, candidates)])
+        write_json(stem + ".captions.json", [{"image_id": i, "caption": c} for i, c in zip(ids, candidates)])
         print(f"wrote {cfg.out_json} and {stem}.captions.json")
     return 0
 

@@ -4,9 +4,12 @@ Train the captioner of Jin, "Semi-Supervised Image Captioning with CLIP" (arXiv 
 Stage 1, few labels (--labeled_fraction of the train images, each with all its captions):
     loss = CE(caption | prefix) + λ · REINFORCE(contrastive reward)     losses.stage1_loss
 Stage 2, unlabeled images (their captions are never read), from the stage-1 checkpoint:
-    loss = REINFORCE(CLIP-S) + β · KL(π ‖ π_stage1)                      losses.stage2_loss
-    its images: the train split's unlabeled ones, plus any --unlabeled_pool (nanocap/data/pool.py)
-The objectives live in nanocap/losses.py; this file is config, data, model and the loop.
+    loss = REINFORCE(CLIP-S) + β · KL(π ‖ π_ref)                         losses.stage2_loss
+    π_ref is the stage-1 policy, frozen; the images: the train split's unlabeled ones, plus any
+    --unlabeled_pool (nanocap/data/pool.py)
+The objectives live in nanocap/losses.py. This file reads top to bottom: the config, the two
+stages (one record each: all that differs between them), the data, the models, the loop, and
+its evaluation and checkpoints.
 Two CLIPs have two parts: --clip's image features feed the mapper, and --reward_clip scores the
 sampled captions (stage 1's contrastive reward, stage 2's CLIP-S); by default one CLIP does both.
 
@@ -25,25 +28,26 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanocap import losses
-from nanocap.captioner import (Captioner, checkpoint_step, load_captioner, read_checkpoint, save_checkpoint,
-                               state_digest)
+from nanocap.base.files import atomic_write, read_json
+from nanocap.base.optim import lr_at, make_optimizer
+from nanocap.base.system import setup_system, together
+from nanocap.captioner import Captioner, load_captioner, save_checkpoint, state_digest
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout, pool
 from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
-from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.checks import (check_checkpoint, check_config, check_pools, check_reference, check_split,
-                                  check_splits, resolve_clips, split_digest)
+from nanocap.tokenizer import Tokenizer, caption_batch, get_tokenizer
+from nanocap.tools.checks import check_checkpoint, check_config, check_split, check_splits, resolve_clips, split_digest
 from nanocap.tools.cli import parse_config, print_config
-from nanocap.tools.training import (lr_at, log_jsonl, make_optimizer, plot_log, restart_log, rng_states,
-                                    set_rng_states, setup_system, together)
+from nanocap.tools.training import checkpoint_files, finish_stage, log_jsonl, not_finite, resume_from, rng_states
 
 # -----------------------------------------------------------------------------
 # config
@@ -88,20 +92,20 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
     # λ = 0.01: the contrastive REINFORCE term is ~100x the CE in size; at 0.1 the CE rose
     contrastive_weight: float = field(default=0.01, metadata={"help": "λ of the contrastive term (0: ClipCap)"})
-    contrastive_temperature: float = field(default=0.0, metadata={"help": "τ of the contrastive reward (0: CLIP's)"})
-    contrastive_samples: int = field(default=2, metadata={"help": "captions sampled per image for it"})
-    # REINFORCE (the contrastive term of stage 1, and stage 2)
+    contrastive_tau: float = field(default=0.0, metadata={"help": "τ of the contrastive reward (0: reward CLIP's)"})
+    stage1_samples: int = field(default=2, metadata={"help": "stage 1: K captions sampled per image for it"})
+    # sampling, for REINFORCE (the contrastive term of stage 1, and stage 2)
     baseline: str = field(default="mean", metadata={"help": "mean (leave-one-out over K) or greedy"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; REINFORCE uses its log-probs"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature T; REINFORCE uses its log-probs"})
     max_new_tokens: int = field(default=40, metadata={"help": "longest sampled caption"})
     # stage 2
     stage2_iters: int = field(default=300, metadata={"help": "stage 2: steps (0: save the initial state)"})
     stage2_batch_size: int = field(default=16, metadata={"help": "stage 2: unlabeled images per step and process"})
     stage2_lr: float = field(default=1e-4, metadata={"help": "stage 2: peak learning rate"})
     stage2_warmup_iters: int = field(default=0, metadata={"help": "stage 2: linear warmup (0: it continues a policy)"})
-    samples_per_image: int = field(default=5, metadata={"help": "stage 2: K sampled captions per image"})
-    reward_weight: float = field(default=2.5, metadata={"help": "w in CLIP-S = w·max(cos, 0)"})
-    kl_weight: float = field(default=0.1, metadata={"help": "β of the per-token KL to the stage-1 policy"})
+    stage2_samples: int = field(default=5, metadata={"help": "stage 2: K captions sampled per image"})
+    clip_s_scale: float = field(default=2.5, metadata={"help": "w, CLIP-S's scale: CLIP-S = w·max(cos, 0)"})
+    kl_weight: float = field(default=0.1, metadata={"help": "β of the per-token KL to π_ref, the stage-1 policy"})
     clip_prompt: str = field(default=losses.CLIP_PROMPT, metadata={"help": "text put before a caption for CLIP-S"})
     # watching
     eval_interval: int = field(default=200, metadata={"help": "validate, print 8 val captions, checkpoint"})
@@ -112,21 +116,87 @@ class Config:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
 
 
+# old flag -> new: the old names still work, with a one-line note, until the next release
+RENAMED = {"contrastive_temperature": "contrastive_tau", "contrastive_samples": "stage1_samples",
+           "samples_per_image": "stage2_samples", "reward_weight": "clip_s_scale"}
+
+# -----------------------------------------------------------------------------
+# the two stages: what differs between them, as one record each
+
+
+@dataclass
+class Stage:
+    """A stage as the loop sees it."""
+    n: int  # 1 or 2
+    iters: int  # optimizer steps
+    lr: float  # peak learning rate
+    warmup: int  # linear warmup steps, then cosine decay to lr/10
+    batch_size: int  # images per step and process
+    iters_flag: str  # the flags that set iters and lr, for the messages that name them
+    lr_flag: str
+    labeled: bool  # learns from the labeled images and their captions, or from the unlabeled ones
+    best_by: str  # with --keep_best, stage<n>.pt is the state of this val figure's lowest ("": the last state)
+    objective: Callable  # (cfg, run, features, scored_by, autocast) -> (loss, stats)
+    validate: Callable  # (cfg, run, val features (N, D), system) -> {val figure: value}
+
+
+def stages(cfg):
+    """The stages to run, in order: --stage 1, --stage 2, or both (0). Stage 2 keeps its last state:
+    its val figure is its own reward, and choosing a checkpoint by it would favour reward hacking."""
+    one = Stage(1, cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.batch_size, "--max_iters", "--lr", labeled=True,
+                best_by="val_loss", objective=contrastive_objective, validate=val_loss)
+    two = Stage(2, cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters, cfg.stage2_batch_size, "--stage2_iters",
+                "--stage2_lr", labeled=False, best_by="", objective=clip_reward_objective, validate=val_reward)
+    return {0: [one, two], 1: [one], 2: [two]}[cfg.stage]
+
+
+def contrastive_objective(cfg, run, features, captions, autocast):
+    """Stage 1 on labeled images, one caption each: CE + λ · REINFORCE(contrastive reward)."""
+    return losses.stage1_loss(run.model, features, captions, run.reward_clip, run.tok,
+                              contrastive_weight=cfg.contrastive_weight, k=cfg.stage1_samples,
+                              tau=cfg.contrastive_tau or None, max_caption_tokens=cfg.max_caption_tokens,
+                              **sampling(cfg, run, autocast))
+
+
+def clip_reward_objective(cfg, run, features, reward_features, autocast):
+    """Stage 2 on unlabeled images (features only): REINFORCE(CLIP-S) + β · KL(π ‖ π_ref)."""
+    return losses.stage2_loss(run.model, run.reference, features, run.reward_clip, run.tok, k=cfg.stage2_samples,
+                              w=cfg.clip_s_scale, kl_weight=cfg.kl_weight, prompt=cfg.clip_prompt,
+                              reward_features=reward_features, **sampling(cfg, run, autocast))
+
+
+def sampling(cfg, run, autocast):
+    """What both objectives share: how the K captions are sampled and baselined, and how the model runs
+    (`forward` is the model as trained, compile- and/or DDP-wrapped: losses.py says why)."""
+    return dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, baseline_kind=cfg.baseline,
+                generator=run.gen, forward=run.forward, autocast=autocast)
+
 # -----------------------------------------------------------------------------
 # data: the labeled fraction for stage 1, the rest (features only) for stage 2
 
 
+@dataclass
+class Data:
+    """What a stage reads."""
+    meta: dict  # the dataset's meta.json
+    clip: dict  # the CLIP whose features feed the mapper: name, weights, normalized (checkpoints record it)
+    reward_clip: dict  # the CLIP that scores sampled captions: name, weights
+    train: object  # the stage's images, each set with .batch(B, generator, device) -> (features, scored_by)
+    val: layout.Captioned  # the val images: features, captions, the reward CLIP's features
+    split: dict  # the labeled split: stage 1 saves it, stage 2 checks it against the checkpoint it continues
+    pools: list  # what a checkpoint records of the --unlabeled_pool pools
+
+
 def load_data(cfg, stage):
-    """(meta, clip_info, reward_info, the stage's training set, val, split, pools). Stage 1 trains on
-    a layout.Captioned set, stage 2 on a layout.Unlabeled pool, which holds no captions at all, only
-    the features and the reward CLIP's features (with --unlabeled_pool: a pool.UnlabeledPool, read
-    memory-mapped). split describes the labeled split; stage 1 saves it, stage 2 checks it against
-    the checkpoint it continues; pools are what a checkpoint records of the extra pools."""
+    """The stage's Data. Stage 1 trains on a layout.Captioned set (features, one caption each);
+    stage 2 on a layout.Unlabeled set, which holds no captions at all, only the features and the
+    reward CLIP's features (with --unlabeled_pool: a pool.UnlabeledPool, read memory-mapped)."""
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
         raise SystemExit(f"error: no dataset in {cfg.data_dir} (no meta.json); make one with data_prep.py first")
-    meta = layout.read_json(os.path.join(cfg.data_dir, "meta.json"))
+    meta = read_json(os.path.join(cfg.data_dir, "meta.json"))
     check_splits(cfg.data_dir, meta)
-    clip, reward = resolve_clips(cfg, meta, meta.get("dataset", "folder"), reward_images=stage == 2 or cfg.stage == 0)
+    clip, reward = resolve_clips(cfg, meta, meta.get("dataset", "folder"),
+                                 reward_images=not stage.labeled or cfg.stage == 0)
     clip_info = {k: clip[k] for k in ("name", "weights", "normalized")}  # what a checkpoint records
     reward_info = {k: reward[k] for k in ("name", "weights")}
     n_train = len(pool.MappedFeatures(clip["features"]["train"]))  # its header: nothing is loaded yet
@@ -136,14 +206,14 @@ def load_data(cfg, stage):
     split = dict(labeled_fraction=cfg.labeled_fraction, seed=cfg.seed, n_train=n_train,
                  n_captioned=meta.get("train_captioned"), n_labeled=len(labeled_idx),
                  labeled=split_digest(labeled_idx))  # which images: the same flags on a re-made dataset may differ
-    pools = cfg.unlabeled_pool if stage == 2 else []
-    if not (labeled_idx if stage == 1 else unlabeled_idx or pools):
-        raise SystemExit(f"error: stage {stage} needs {'captioned' if stage == 1 else 'unlabeled'} train images "
+    pools = [] if stage.labeled else cfg.unlabeled_pool
+    if not (labeled_idx if stage.labeled else unlabeled_idx or pools):
+        raise SystemExit(f"error: stage {stage.n} needs {'captioned' if stage.labeled else 'unlabeled'} train images "
                          f"and {cfg.data_dir} leaves none at --labeled_fraction {cfg.labeled_fraction}")
-    if cfg.unlabeled_pool and (stage == 2 or cfg.stage == 0):  # both stages: stage 1 checks the pools first
+    if cfg.unlabeled_pool and (not stage.labeled or cfg.stage == 0):  # both stages: stage 1 checks the pools first
         pool_set, seen = pool.stage2_pool(cfg.data_dir, clip["features"]["train"], unlabeled_idx,
                                           cfg.unlabeled_pool, clip_info, reward_info)
-    if stage == 1:
+    if stage.labeled:
         records = layout.read_jsonl(os.path.join(cfg.data_dir, "train", "captions.jsonl"))
         feats = layout.load_features(clip["features"]["train"])
         train_set = layout.Captioned(feats[labeled_idx], [records[i]["captions"] for i in labeled_idx])
@@ -159,11 +229,19 @@ def load_data(cfg, stage):
     val = layout.Captioned(layout.load_features(clip["features"]["val"]),
                            [r["captions"] for r in layout.read_jsonl(os.path.join(val_dir, "captions.jsonl"))],
                            layout.load_features(reward["features"]["val"]) if "val" in reward["features"] else None)
-    return meta, clip_info, reward_info, train_set, val, split, pools
-
+    return Data(meta, clip_info, reward_info, train_set, val, split, pools)
 
 # -----------------------------------------------------------------------------
-# model: new (stage 1) or the stage-1 checkpoint (stage 2)
+# model: new (stage 1), or the stage-1 checkpoint as the policy and its reference (stage 2)
+
+
+def build_models(cfg, stage, data, system):
+    """(model, reference, tok, start): the policy to train, π_ref for the KL (None in stage 1, which
+    has no KL), the tokenizer, and the checkpoint the stage continues ("": none)."""
+    if stage.n == 1:
+        model, tok = new_model(cfg, data.meta, data.val.features.size(1))
+        return model, None, tok, ""
+    return stage2_models(cfg, data, system.device, system.master)
 
 
 def new_model(cfg, meta, feature_dim):
@@ -175,7 +253,7 @@ def new_model(cfg, meta, feature_dim):
     else:
         gpt = GPT.from_pretrained(gpt_spec)
         vocab_file = os.path.join(gpt_spec, "nanocap_vocab.json")  # the shapes world's reduced vocabulary
-        vocab = layout.read_json(vocab_file) if os.path.isfile(vocab_file) else None
+        vocab = read_json(vocab_file) if os.path.isfile(vocab_file) else None
     longest = cfg.prefix_len + max(cfg.max_new_tokens, cfg.max_caption_tokens)
     if longest > gpt.config.block_size:
         raise SystemExit(f"error: --prefix_len {cfg.prefix_len} and a caption of up to {longest - cfg.prefix_len} "
@@ -188,16 +266,17 @@ def new_model(cfg, meta, feature_dim):
     return model, get_tokenizer("gpt2", vocab)
 
 
-def stage1_model(cfg, clip_info, split, device, master):
-    """Stage 2: the stage-1 checkpoint twice, as the policy to train and as the frozen reference
-    of the KL. (model, reference, tok, path). GPT trains exactly when it did in stage 1."""
+def stage2_models(cfg, data, device, master):
+    """Stage 2's two models, both the stage-1 checkpoint: the policy π to train, and π_ref, its
+    frozen copy, the reference of the KL. (model, reference, tok, path). GPT trains exactly when it
+    did in stage 1."""
     start = cfg.init_from or os.path.join(cfg.out_dir, "stage1.pt")
     try:
         model, ckpt = load_captioner(start)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    check_checkpoint(cfg, start, ckpt, clip_info)
-    check_split(start, ckpt, split)
+    check_checkpoint(cfg, start, ckpt, data.clip)
+    check_split(start, ckpt, data.split)
     finetune_gpt = ckpt["config"]["finetune_gpt"]
     model.gpt.requires_grad_(finetune_gpt)
     if master:
@@ -208,213 +287,162 @@ def stage1_model(cfg, clip_info, split, device, master):
     return model, reference, get_tokenizer(**ckpt["tokenizer"]), start
 
 # -----------------------------------------------------------------------------
-# one stage: the training loop
+# the training loop
 
 
-def train_stage(cfg, stage, system):
-    """Run one stage: its data, its model, then the loop (evaluate, checkpoint, step, log)."""
-    device, master, ddp = system.device, system.master, system.ddp
+@dataclass
+class Run:
+    """What one stage's loop works with (start_stage makes it)."""
+    data: Data
+    model: Captioner  # the policy, as saved
+    forward: torch.nn.Module  # the same model as trained: compiled and/or DDP-wrapped
+    reference: Captioner | None  # stage 2: π_ref, the frozen stage-1 policy of the KL
+    tok: Tokenizer
+    reward_clip: CLIPEncoder  # scores sampled captions (and stage 2's val captions)
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator  # batches and sampled captions, one stream per rank
+    info: dict  # what every checkpoint of the stage records besides its state
+    first_step: int  # 0, or the step it resumed from
+    best: dict  # {"val_loss", "step"}: the lowest val loss so far (stage 1)
+
+
+def start_stage(cfg, stage, system):
+    """A stage's Run: its data, models, optimizer and random streams, resumed with --resume."""
+    device, ddp = system.device, system.ddp
     torch.manual_seed(cfg.seed + system.rank)  # each stage starts from the seed: `--stage 2` alone is the same
     gen = torch.Generator(device=device).manual_seed(cfg.seed + system.rank)  # batches and sampled captions
-    meta, clip_info, reward_info, train_set, val, split, pools = together(ddp, load_data, cfg, stage)
-    if stage == 1:
-        model, tok = together(ddp, new_model, cfg, meta, val.features.size(1))
-        reference, start = None, ""  # stage 1 has no KL, so no reference policy
-    else:
-        model, reference, tok, start = together(ddp, stage1_model, cfg, clip_info, split, device, master)
+    data = together(ddp, load_data, cfg, stage)
+    model, reference, tok, start = together(ddp, build_models, cfg, stage, data, system)
     model.to(device)
-    reward_clip = CLIPEncoder(reward_info["name"], reward_info["weights"], device=device)  # scores sampled captions
-    iters, peak_lr, warmup = ((cfg.max_iters, cfg.lr, cfg.warmup_iters) if stage == 1 else
-                              (cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters))
-    optimizer = make_optimizer(model, peak_lr, cfg.weight_decay)
+    reward_clip = CLIPEncoder(data.reward_clip["name"], data.reward_clip["weights"], device=device)
+    optimizer = make_optimizer(model, stage.lr, cfg.weight_decay)
     # what every checkpoint of the stage records besides its state; reference: the KL's, by its weights
-    info = dict(config=asdict(cfg), clip=clip_info, reward_clip=reward_info, tokenizer=tok.describe(), stage=stage,
-                init_from=os.path.abspath(start) if start else "", split=split, pools=pools,
+    info = dict(config=asdict(cfg), clip=data.clip, reward_clip=data.reward_clip, tokenizer=tok.describe(),
+                stage=stage.n, init_from=os.path.abspath(start) if start else "", split=data.split, pools=data.pools,
                 reference=state_digest(reference) if reference is not None else "")
     step, best = together(ddp, resume_from, cfg, stage, info, model, optimizer, gen, system)
     forward = torch.compile(model) if cfg.compile else model
     forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if ddp else forward
-    if master:
+    if system.master:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        where = f" (train split + {len(pools)} pool(s))" if pools else ""
-        print(f"stage {stage}: {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {len(train_set)} "
-              f"{'labeled' if stage == 1 else 'unlabeled'} images{where}; device {device}, {system.dtype}")
+        where = f" (train split + {len(data.pools)} pool(s))" if data.pools else ""
+        print(f"stage {stage.n}: {n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters; {len(data.train)} "
+              f"{'labeled' if stage.labeled else 'unlabeled'} images{where}; device {device}, {system.dtype}")
+    return Run(data, model, forward, reference, tok, reward_clip, optimizer, gen, info, step, best)
 
-    model.train()
-    t0, first = time.time(), step
+
+def train_stage(cfg, stage, system):
+    """One stage: start it, then loop: evaluate and checkpoint, take a step, log."""
+    run = start_stage(cfg, stage, system)
+    run.model.train()
+    step, t0 = run.first_step, time.time()
     while True:
-        if step == first or step % cfg.eval_interval == 0 or step == iters:  # the start (or resumed step), the end
-            rngs = rng_states(system, gen)  # every rank's streams, so that a resume gives each its own back
+        if step == run.first_step or step % cfg.eval_interval == 0 or step == stage.iters:  # and the end
+            rngs = rng_states(system, run.gen)  # every rank's streams, so that a resume gives each its own back
             # rank 0's work, under together: if it fails, every rank stops with its one line
-            best = together(ddp, evaluate_and_save, cfg, stage, step, iters, model, optimizer, rngs, val, tok,
-                            reward_clip, system, info, best)
-        if step == iters:
+            run.best = together(system.ddp, evaluate_and_save, cfg, stage, run, step, rngs, system)
+        if step == stage.iters:
             break
-        lr = lr_at(step, iters, peak_lr, warmup)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            last = micro == cfg.grad_accum - 1
-            with forward.no_sync() if ddp and not last else nullcontext():  # DDP syncs on the last
-                # under DDP, a NaN or an error on any rank stops every rank (together)
-                loss, stats = together(ddp, finite_loss, cfg, stage, step, model, forward, reference, train_set,
-                                       reward_clip, tok, gen, system)
-                (loss / cfg.grad_accum).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, stage.iters, stage.lr, stage.warmup)
+        stats = optimizer_step(cfg, stage, run, step, lr, system)
         step += 1
-        if master and (step % cfg.log_interval == 0 or step == 1):
+        if system.master and (step % cfg.log_interval == 0 or step == 1):
             elapsed = time.time() - t0
-            print(f"step {step}/{iters} | " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
+            print(f"step {step}/{stage.iters} | " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items())
                   + f" | {elapsed:.0f}s")
-            log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, lr=lr, time=elapsed, **stats))
-    together(ddp, finish_stage, cfg, stage, best, system)
+            log_jsonl(cfg.out_dir, dict(stage=stage.n, iter=step, lr=lr, time=elapsed, **stats))
+    together(system.ddp, finish_stage, cfg, stage, run.best, system)
 
 
-def checkpoint_files(cfg, stage):
-    """(path, last): the stage's checkpoint and the file its last state goes to. Stage 1 with
-    --keep_best keeps its lowest val loss in stage1.pt and its last state in stage1.last.pt;
-    otherwise both are stage<N>.pt (stage 2's val reward is its own reward: choosing by it would hack)."""
-    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
-    return path, os.path.join(cfg.out_dir, "stage1.last.pt") if cfg.keep_best and stage == 1 else path
+def optimizer_step(cfg, stage, run, step, lr, system):
+    """One AdamW step at learning rate lr over --grad_accum micro-batches; the last one's stats."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    for micro in range(cfg.grad_accum):
+        last = micro == cfg.grad_accum - 1
+        with run.forward.no_sync() if system.ddp and not last else nullcontext():  # DDP syncs on the last
+            # under DDP, a NaN or an error on any rank stops every rank (together)
+            loss, stats = together(system.ddp, finite_loss, cfg, stage, run, step, system)
+            (loss / cfg.grad_accum).backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return stats
 
 
-def last_state_file(cfg, stage):
-    """The stage's last state, whatever --keep_best was when it was written: of stage<N>.pt and
-    stage<N>.last.pt (a --keep_best run's, whose stage<N>.pt is its best), the one of the later step."""
-    path, last = (os.path.join(cfg.out_dir, f"stage{stage}{s}.pt") for s in ("", ".last"))
-    if not os.path.isfile(last) or os.path.isfile(path) and checkpoint_step(path) > checkpoint_step(last):
-        return path
-    return last
+def finite_loss(cfg, stage, run, step, system):
+    """One micro-batch of the stage's objective, (loss, stats); one line if the loss is not finite."""
+    features, scored_by = run.data.train.batch(stage.batch_size, run.gen, system.device)  # captions, or reward feats
+    loss, stats = stage.objective(cfg, run, features, scored_by, system.autocast())
+    if not torch.isfinite(loss):
+        raise not_finite(cfg, stage, "loss", loss.item(), step)
+    return loss, stats
+
+# -----------------------------------------------------------------------------
+# evaluation and checkpoints (which file, and resuming from it: nanocap/tools/training.py)
 
 
-def not_finite(cfg, stage, what, value, step):
-    """The one line that stops a run whose `what` (the loss, a val figure) became `value` (NaN, inf),
-    naming the checkpoint to resume from."""
-    path = last_state_file(cfg, stage)
-    return SystemExit(f"error: the {what} became {value} at step {step}; the last good checkpoint is "
-                      f"{path if os.path.isfile(path) else 'none yet'}. Lower {'--lr' if stage == 1 else '--stage2_lr'}"
-                      f" and resume with --resume")
+@torch.no_grad()
+def evaluate(cfg, stage, run, system):
+    """Greedy captions of 8 fixed val images, and the stage's val figure on 256 of them."""
+    run.model.eval()
+    val, device = run.data.val, system.device
+    fixed = greedy(run.model.gpt, run.model.prefix(val.features[:8].to(device)), cfg.max_new_tokens, run.tok.eos_id)
+    captions = [run.tok.decode(t) for t in fixed.tokens.tolist()]
+    result = stage.validate(cfg, run, val.features[: 8 * 32].to(device), system)
+    run.model.train()
+    return result, captions
 
 
-def evaluate_and_save(cfg, stage, step, iters, model, optimizer, rngs, val, tok, reward_clip, system, info, best):
+def val_loss(cfg, run, features, system):
+    """Stage 1's val figure: the cross-entropy of each image's first caption."""
+    captions = [c[0] for c in run.data.val.captions[: len(features)]]
+    idx, tgt = caption_batch(run.tok, captions, cfg.max_caption_tokens, system.device)
+    with system.autocast():
+        logits = run.model(features, idx)
+    return {"val_loss": losses.caption_loss(logits, tgt, run.model.prefix_len).item()}
+
+
+def val_reward(cfg, run, features, system):
+    """Stage 2's val figure: the CLIP-S of the greedy captions."""
+    g = greedy(run.model.gpt, run.model.prefix(features), cfg.max_new_tokens, run.tok.eos_id)
+    texts = [run.tok.decode(t) for t in g.tokens.tolist()]
+    reward_features = run.data.val.reward_features[: len(features)].to(system.device)
+    reward = losses.clip_reward(run.reward_clip, reward_features, texts, cfg.clip_s_scale, cfg.clip_prompt)
+    return {"val_reward": reward.mean().item()}
+
+
+def evaluate_and_save(cfg, stage, run, step, rngs, system):
     """Rank 0 validates, then checkpoints the last state (with --keep_best, stage 1 also copies it to
     stage1.pt while its val loss is the lowest so far); other ranks do nothing. Step 0, the initial
     state, is saved only when the stage has no steps. Returns the best {"val_loss", "step"} so far."""
+    best = run.best
     if not system.master:
         return best
     path, last_path = checkpoint_files(cfg, stage)
-    result, captions = evaluate(cfg, stage, model, val, tok, reward_clip, system)
-    print(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    result, captions = evaluate(cfg, stage, run, system)
+    print(f"stage {stage.n} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     print("\n".join(f"  val[{i}] {c}" for i, c in enumerate(captions)))
-    log_jsonl(cfg.out_dir, dict(stage=stage, iter=step, **result, captions=captions))
+    log_jsonl(cfg.out_dir, dict(stage=stage.n, iter=step, **result, captions=captions))
     for k, v in result.items():
         if not math.isfinite(v):  # a NaN is never "the lowest so far": stop before it overwrites a good state
             raise not_finite(cfg, stage, k, v, step)
-    if step == 0 and iters > 0:
+    if step == 0 and stage.iters > 0:
         return best
-    improved = stage == 1 and result["val_loss"] < best["val_loss"]
+    improved = bool(stage.best_by) and result[stage.best_by] < best["val_loss"]
     if improved:
-        best = {"val_loss": result["val_loss"], "step": step}
-    save_checkpoint(last_path, model, **info, step=step, optimizer=optimizer.state_dict(), best=best, **rngs)
+        best = {"val_loss": result[stage.best_by], "step": step}
+    save_checkpoint(last_path, run.model, **run.info, step=step, optimizer=run.optimizer.state_dict(), best=best,
+                    **rngs)
     if last_path != path and improved:  # the best is a copy of the last, taken when it was the best
-        layout.atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
+        atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
         print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
     elif last_path != path:
         print(f"val_loss did not improve on {best['val_loss']:.4f} (step {best['step']}): {path} kept")
     return best
 
-
-def finish_stage(cfg, stage, best, system):
-    """Rank 0 plots the stage's curves and says what it saved."""
-    if not system.master:
-        return
-    plot_log(cfg.out_dir, stage)
-    path, last_path = checkpoint_files(cfg, stage)
-    kept = f" (step {best['step']}, the lowest val loss; the last state is {last_path})" if last_path != path else ""
-    print(f"saved {path}{kept} and {os.path.join(cfg.out_dir, f'stage{stage}.png')}")
-
-
-def resume_from(cfg, stage, info, model, optimizer, gen, system):
-    """With --resume, load the stage's last state into model, optimizer and this rank's random
-    streams, and return (its step, the best val loss so far) (step 0: start afresh). With both
-    stages (no --stage), a stage without a checkpoint starts afresh."""
-    best = {"val_loss": float("inf"), "step": 0}
-    path = last_state_file(cfg, stage)
-    if not cfg.resume or (cfg.stage == 0 and not os.path.isfile(path)):
-        if system.master:
-            restart_log(cfg.out_dir, stage)
-        return 0, best
-    try:
-        ckpt = read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    check_checkpoint(cfg, path, ckpt, info["clip"], model)
-    check_pools(path, ckpt, info["pools"])
-    check_reference(path, ckpt, info)
-    iters = cfg.max_iters if stage == 1 else cfg.stage2_iters
-    if ckpt["step"] > iters:
-        raise SystemExit(f"error: {path} is at step {ckpt['step']}, past --{'max' if stage == 1 else 'stage2'}_iters "
-                         f"{iters}; resume with at least {ckpt['step']} steps, or start afresh in a new --out_dir")
-    model.load_state_dict(ckpt["model"], strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_states(ckpt, path, system, gen, cfg.seed)  # after CLIP's construction, which draws from torch's
-    if system.master:
-        restart_log(cfg.out_dir, stage, ckpt["step"])  # the records of steps after it, from the run it stopped
-        print(f"resuming stage {stage} from {path}, step {ckpt['step']}")
-    return ckpt["step"], ckpt.get("best", best)
-
-
-def finite_loss(cfg, stage, step, model, forward, reference, train_set, reward_clip, tok, gen, system):
-    """stage_loss, or one line if it is not finite."""
-    loss, stats = stage_loss(cfg, stage, model, forward, reference, train_set, reward_clip, tok, gen, system)
-    if not torch.isfinite(loss):
-        raise not_finite(cfg, stage, "loss", loss.item(), step)
-    return loss, stats
-
-
-def stage_loss(cfg, stage, model, forward, reference, train_set, clip, tok, gen, system):
-    """One micro-batch of the stage's objective: (loss, stats). `clip` is the reward CLIP;
-    `forward` is `model` as trained (DDP- and/or compile-wrapped); losses.py says why both are passed."""
-    batch_size = cfg.batch_size if stage == 1 else cfg.stage2_batch_size
-    feats, scored_by = (train_set.batch(batch_size, gen, system.device) if isinstance(train_set, pool.UnlabeledPool)
-                        else layout.get_batch(train_set, batch_size, gen, system.device))  # captions, or reward features
-    common = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, baseline_kind=cfg.baseline,
-                  generator=gen, forward=forward, autocast=system.autocast())
-    if stage == 1:
-        return losses.stage1_loss(model, feats, scored_by, clip, tok, weight=cfg.contrastive_weight,
-                                  k=cfg.contrastive_samples, tau=cfg.contrastive_temperature or None,
-                                  max_caption_tokens=cfg.max_caption_tokens, **common)
-    return losses.stage2_loss(model, reference, feats, clip, tok, k=cfg.samples_per_image,
-                              reward_weight=cfg.reward_weight, kl_weight=cfg.kl_weight, prompt=cfg.clip_prompt,
-                              reward_features=scored_by, **common)
-
-
-@torch.no_grad()
-def evaluate(cfg, stage, model, val, tok, clip, system):
-    """Greedy captions of 8 fixed val images, and a val figure on 256: stage 1 the cross-entropy
-    of each image's first caption, stage 2 the CLIP-S of the greedy captions."""
-    model.eval()
-    device = system.device
-    fixed = greedy(model.gpt, model.prefix(val.features[:8].to(device)), cfg.max_new_tokens, tok.eos_id)
-    captions = [tok.decode(t) for t in fixed.tokens.tolist()]
-    feats = val.features[: 8 * 32].to(device)
-    if stage == 1:
-        idx, tgt = caption_batch(tok, [c[0] for c in val.captions[: len(feats)]], cfg.max_caption_tokens, device)
-        with system.autocast():
-            logits = model(feats, idx)
-        result = {"val_loss": losses.caption_loss(logits, tgt, model.prefix_len).item()}
-    else:
-        g = greedy(model.gpt, model.prefix(feats), cfg.max_new_tokens, tok.eos_id)
-        texts = [tok.decode(t) for t in g.tokens.tolist()]
-        reward = losses.clip_reward(clip, val.reward_features[: len(feats)].to(device), texts, cfg.reward_weight,
-                                    cfg.clip_prompt)
-        result = {"val_reward": reward.mean().item()}
-    model.train()
-    return result, captions
 
 # -----------------------------------------------------------------------------
 
@@ -425,7 +453,7 @@ def main(cfg):
     if system.master:
         print_config(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
-    for stage in ([1, 2] if cfg.stage == 0 else [cfg.stage]):
+    for stage in stages(cfg):
         train_stage(cfg, stage, system)
         if system.ddp:  # rank 0 writes the final checkpoint last: stage 2 must not read it before,
             dist.barrier()  # and no rank may tear gloo/nccl down while another still talks to it
@@ -434,4 +462,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    main(parse_config(Config, renamed=RENAMED))

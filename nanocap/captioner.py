@@ -21,7 +21,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from nanocap.data.layout import atomic_write
+from nanocap.base.files import atomic_write
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 
@@ -62,7 +62,7 @@ def unwrap(model):
 
 
 def save_checkpoint(path, model, **info):
-    """Write {"model": params, "model_args": ..., **info} atomically (layout.atomic_write).
+    """Write {"model": params, "model_args": ..., **info} atomically (atomic_write).
     info holds config, clip, tokenizer, stage, step, optimizer state, ... (plain types and tensors)."""
     model = unwrap(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

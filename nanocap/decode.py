@@ -9,8 +9,8 @@ max_new_tokens.
 
 Every method returns a Generation: the token ids, the log-probability of each token under the
 model itself (the softmax of the raw logits, whatever temperature or top-k/top-p shaped the
-sampling), and a mask of the real tokens. REINFORCE needs those log-probs; training recomputes
-them with gradients in one teacher-forced forward pass, because decoding runs under no_grad.
+sampling), and a mask of the real tokens. REINFORCE needs log-probs with gradients; decoding runs
+under no_grad, so training recomputes them in one teacher-forced forward pass (losses.py).
 
 ClipCap's anchors to avoid: no cache (the whole sequence re-run at every step), one image at
 a time, and a "top-p" sampler that was in fact greedy.
@@ -160,7 +160,11 @@ def generate(gpt, prefix, method="greedy", max_new_tokens=20, eos_id=50256, beam
 
 
 def score(gpt, prefix, tokens):
-    """Teacher-forced log-probs of given captions, *with* gradients (the REINFORCE forward pass).
+    """Teacher-forced log-probs of given captions, with gradients: a tool for looking inside, which
+    training does not call. Notebook 03 checks sampling's log-probs against it, notebook 06 scores
+    samples under the reference with it, and a test checks decoding (KV cache and all) against it.
+    Training computes the same quantity in its own forward pass, through the Captioner (which may
+    be DDP- or compile-wrapped), inside losses.stage1_loss and losses.stage2_loss.
 
     prefix (N, P, C), tokens (N, T) from a Generation -> (logprobs (N, T), logits (N, T, V)), where
     logits[:, t] is the distribution that token t was drawn from. Pass mask-aware losses the

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanocap.base.files import atomic_write
+
 
 @dataclass
 class GPTConfig:
@@ -243,7 +245,6 @@ class GPT(nn.Module):
         from_pretrained (the shapes world saves its toy GPT this way, so it loads like GPT-2)."""
         from safetensors.torch import save_file
 
-        from nanocap.data.layout import atomic_write
         os.makedirs(folder, exist_ok=True)
         c = self.config
         hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,

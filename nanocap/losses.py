@@ -2,29 +2,35 @@
 The method: both training objectives of Jin 2023, "Semi-Supervised Image Captioning with CLIP"
 (arXiv 2306.15111), and the pieces they are made of.
 
-Stage 1, few labeled images (stage1_loss):
-    L = CE(caption | prefix) + lambda * REINFORCE(contrastive reward)
-    K captions are sampled per image and embedded, with the ground truths, by CLIP's text
-    tower; the InfoNCE log-probability that a sample matches its own ground truth among the
-    batch's ground truths (contrastive_reward) is a sequence reward. Sampling is not
-    differentiable, so the reward is optimized with REINFORCE. lambda = 0 is plain ClipCap.
-Stage 2, unlabeled images (stage2_loss):
-    L = REINFORCE(CLIP-S) + beta * KL(pi || pi_stage1)
-    as in Cho et al. 2022 ("Fine-grained Image Captioning with CLIP Reward", arXiv 2205.13115):
-    K samples per image, reward CLIP-S (Hessel et al. 2021, arXiv 2104.08718), a baseline that
-    is the greedy caption's reward (self-critical, Rennie et al. 2017, arXiv 1612.00563) or the
-    leave-one-out mean of the other samples (Luo 2020, arXiv 2003.09971), and a per-token KL to
-    the frozen stage-1 policy, which keeps the captions fluent.
+Both objectives share one scaffold (rollout): sample K captions per image from the policy π at
+temperature T, score each with a reward r, and take a baseline b, the leave-one-out mean of the
+image's other samples (Luo 2020, arXiv 2003.09971) or its greedy caption's reward (self-critical,
+Rennie et al. 2017, arXiv 1612.00563). Sampling is not differentiable, so a reward is optimized
+with REINFORCE: the gradient of -(r - b) · log π(caption).
 
+Stage 1, few labeled images (stage1_loss):
+    L = CE(caption | prefix) + λ · REINFORCE(r),   r = the contrastive reward
+    the InfoNCE log-probability, at InfoNCE temperature τ, that a sample matches its own ground truth
+    among the batch's ground truths, both embedded by CLIP's text tower (contrastive_reward).
+    λ = 0 is plain ClipCap.
+Stage 2, unlabeled images (stage2_loss):
+    L = REINFORCE(r) + β · KL(π ‖ π_ref),   r = CLIP-S = w · max(cos(image, caption), 0)
+    as in Cho et al. 2022 ("Fine-grained Image Captioning with CLIP Reward", arXiv 2205.13115):
+    CLIP-S is Hessel et al. 2021 (arXiv 2104.08718), and the per-token KL to π_ref, the frozen
+    stage-1 policy, keeps the captions fluent.
+
+Symbols and flags (train.py): K --stage1_samples / --stage2_samples, T --temperature,
+λ --contrastive_weight, τ --contrastive_tau, w --clip_s_scale, β --kl_weight.
 All embeddings are L2-normalized (CLIPEncoder returns them so).
 """
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nanocap.decode import greedy, sample, token_logprobs
+from nanocap.decode import Generation, greedy, sample, token_logprobs
 from nanocap.tokenizer import caption_batch
 
 # -----------------------------------------------------------------------------
@@ -65,10 +71,8 @@ def clip_reward(clip, image_emb, captions, w=2.5, prompt=CLIP_PROMPT):
 def repetition_rate(captions):
     """Share of captions with a word repeated back to back ("a red red circle"): the usual
     symptom of a policy that games a CLIP reward (Cho et al. 2022)."""
-    def repeats(c):
-        w = c.split()
-        return any(a == b for a, b in zip(w, w[1:]))
-    return sum(map(repeats, captions)) / max(1, len(captions))
+    repeats = [any(a == b for a, b in zip(w, w[1:])) for w in (c.split() for c in captions)]
+    return sum(repeats) / max(1, len(captions))
 
 # -----------------------------------------------------------------------------
 # supervised
@@ -101,7 +105,7 @@ def info_nce(a, b, logit_scale, b_negatives=None):
 
         logits = logit_scale * a @ b^T                  (N, N)
         loss = 1/2 [ CE(logits, arange(N)) + CE(logits^T, arange(N)) ]
-    logit_scale = 1 / temperature (float or tensor). b_negatives (M, D), NegCLIP's hard negatives
+    logit_scale = 1 / τ (float or tensor). b_negatives (M, D), NegCLIP's hard negatives
     (Yuksekgonul et al., ICLR 2023): extra texts that join the text side of the a -> b term only,
     so each image must rank its caption above them too; they have no image of their own.
     """
@@ -112,7 +116,7 @@ def info_nce(a, b, logit_scale, b_negatives=None):
 
 
 @torch.no_grad()
-def contrastive_reward(gen_emb, gt_emb, temperature, k=1):
+def contrastive_reward(gen_emb, gt_emb, tau, k=1):
     """
     Stage-1 sequence reward: InfoNCE log-prob of generated caption i matching its own
     ground truth against the other ground truths in the batch.
@@ -121,7 +125,7 @@ def contrastive_reward(gen_emb, gt_emb, temperature, k=1):
     gen_emb: (N*k, D), the k samples of each image contiguous; gt_emb: (N, D); both
     normalized; own(i) = i // k. Returns (N*k,), detached.
     """
-    logits = gen_emb @ gt_emb.T / temperature  # (N*k, N)
+    logits = gen_emb @ gt_emb.T / tau  # (N*k, N)
     own = torch.arange(gen_emb.shape[0], device=gen_emb.device) // k  # (N*k,)
     return F.log_softmax(logits, dim=1).gather(1, own[:, None]).squeeze(1)  # (N*k,)
 
@@ -193,6 +197,38 @@ def sampled_logprobs(logits, tokens, temperature):
     return token_logprobs(logits / temperature if temperature != 1 else logits, tokens)
 
 # -----------------------------------------------------------------------------
+# the scaffold both objectives share: K samples per image, their rewards, the baseline
+
+
+@dataclass
+class Rollout:
+    """K captions sampled per image by the policy, and what REINFORCE needs of them."""
+    out: Generation  # tokens (B*K, T) and mask (B*K, T); the K samples of each image contiguous
+    texts: list  # the B*K captions as text
+    reward: torch.Tensor  # (B*K,) r
+    baseline: torch.Tensor  # (B*K,) b
+
+
+@torch.no_grad()
+def rollout(model, features, tok, reward_fn, *, k, baseline_kind="mean", temperature=1.0, max_new_tokens=40,
+            generator=None):
+    """
+    Sample K captions per image from the policy, score them, and take the baseline:
+        y_ik ~ π(· | image_i) at temperature T,   r_ik = reward_fn(y_ik),   b_ik (leave-one-out mean or greedy)
+    features (B, D). reward_fn(texts, k) scores the captions of B images, k contiguous per image,
+    -> (B*k,); the greedy baseline calls it with each image's greedy caption and k = 1.
+    """
+    prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
+    out = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
+    texts = [tok.decode(t) for t in out.tokens.tolist()]
+    reward = reward_fn(texts, k)  # (B*K,)
+    greedy_reward = None
+    if baseline_kind == "greedy":  # self-critical: each image's greedy caption, scored the same way
+        g = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
+        greedy_reward = reward_fn([tok.decode(t) for t in g.tokens.tolist()], 1)  # (B,)
+    return Rollout(out, texts, reward, baseline(reward, k, baseline_kind, greedy_reward))
+
+# -----------------------------------------------------------------------------
 # the two objectives
 #
 # `model` is the plain Captioner: sampling needs model.prefix and model.gpt, which a DDP or
@@ -201,80 +237,69 @@ def sampled_logprobs(logits, tokens, temperature):
 # sees it and all-reduces the gradients. `autocast` wraps that forward (default: none).
 
 
-def stage1_loss(model, features, captions, clip, tok, *, weight, k=2, tau=None, baseline_kind="mean",
+def stage1_loss(model, features, captions, clip, tok, *, contrastive_weight, k=2, tau=None, baseline_kind="mean",
                 temperature=1.0, max_new_tokens=40, max_caption_tokens=48, generator=None,
                 forward=None, autocast=None):
     """
-    Stage 1 on B labeled images, one reference caption each: CE + weight * contrastive REINFORCE.
-    features (B, D) CLIP image features; captions: B strings; tau: the contrastive temperature
-    (None: CLIP's own, 1 / logit_scale). Returns (loss, stats).
+    Stage 1 on B labeled images, one reference caption each:
+        L = CE(caption | prefix) + λ · REINFORCE(r),   r_ik = contrastive_reward(y_ik, captions; τ)
+    features (B, D) CLIP image features; captions: B strings; contrastive_weight: λ; k: K samples
+    per image; tau: τ (None: CLIP's own, 1 / logit_scale); temperature: the sampling T. Returns
+    (loss, stats).
     """
     forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
     autocast = nullcontext() if autocast is None else autocast
     idx, tgt = caption_batch(tok, captions, max_caption_tokens, features.device)  # (B, T), -100-padded
-    if weight == 0:
+    if contrastive_weight == 0:
         with autocast:
             logits = forward(features, idx)  # (B, P+T, V)
         ce = caption_loss(logits, tgt, model.prefix_len)
         return ce, {"loss": ce.item(), "ce": ce.item()}
     tau = tau or 1.0 / clip.logit_scale
-    with torch.no_grad():  # K samples per image from the current policy
-        prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
-        g = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
-        gen_emb = clip.encode_text([tok.decode(t) for t in g.tokens.tolist()])  # (B*K, E)
-        gt_emb = clip.encode_text(captions)  # (B, E)
-        reward = contrastive_reward(gen_emb, gt_emb, tau, k=k)  # (B*K,)
-        greedy_r = None
-        if baseline_kind == "greedy":
-            gg = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
-            greedy_r = contrastive_reward(clip.encode_text([tok.decode(t) for t in gg.tokens.tolist()]), gt_emb, tau)
-        base = baseline(reward, k, baseline_kind, greedy_r)  # (B*K,)
+    gt_emb = clip.encode_text(captions)  # (B, E), no grad
+    r = rollout(model, features, tok, lambda texts, k: contrastive_reward(clip.encode_text(texts), gt_emb, tau, k),
+                k=k, baseline_kind=baseline_kind, temperature=temperature, max_new_tokens=max_new_tokens,
+                generator=generator)
     # one forward for both terms (DDP allows one per backward): ground truths, then samples
-    B, P, T = len(captions), model.prefix_len, max(idx.size(1), g.tokens.size(1))
+    B, P, T = len(captions), model.prefix_len, max(idx.size(1), r.out.tokens.size(1))
     pad = lambda x, v: F.pad(x, (0, T - x.size(1)), value=v)
     with autocast:
         logits = forward(torch.cat([features, features.repeat_interleave(k, dim=0)]),
-                         torch.cat([pad(idx, tok.eos_id), pad(g.tokens, tok.eos_id)]))  # (B + B*K, P+T, V)
+                         torch.cat([pad(idx, tok.eos_id), pad(r.out.tokens, tok.eos_id)]))  # (B + B*K, P+T, V)
     ce = caption_loss(logits[:B], pad(tgt, -100), P)
-    logprobs = sampled_logprobs(logits[B:, P - 1:P - 1 + g.tokens.size(1)], g.tokens, temperature)  # (B*K, Tg)
-    rl = reinforce_loss(logprobs, g.mask, reward, base)
-    loss = ce + weight * rl
-    return loss, {"loss": loss.item(), "ce": ce.item(), "contrastive_reward": reward.mean().item(),
-                  "contrastive_rl": rl.item(), "gen_len": g.lengths().float().mean().item()}
+    logprobs = sampled_logprobs(logits[B:, P - 1:P - 1 + r.out.tokens.size(1)], r.out.tokens, temperature)  # (B*K, Tg)
+    rl = reinforce_loss(logprobs, r.out.mask, r.reward, r.baseline)
+    loss = ce + contrastive_weight * rl
+    return loss, {"loss": loss.item(), "ce": ce.item(), "contrastive_reward": r.reward.mean().item(),
+                  "contrastive_rl": rl.item(), "gen_len": r.out.lengths().float().mean().item()}
 
 
-def stage2_loss(model, reference, features, clip, tok, *, k=5, reward_weight=2.5, kl_weight=0.1,
-                baseline_kind="mean", prompt=CLIP_PROMPT, temperature=1.0, max_new_tokens=40,
-                generator=None, forward=None, autocast=None, reward_features=None):
+def stage2_loss(model, reference, features, clip, tok, *, k=5, w=2.5, kl_weight=0.1, baseline_kind="mean",
+                prompt=CLIP_PROMPT, temperature=1.0, max_new_tokens=40, generator=None, forward=None,
+                autocast=None, reward_features=None):
     """
-    Stage 2 on B unlabeled images (features only, (B, D)): REINFORCE with the CLIP-S reward of
-    K samples per image + kl_weight * KL to `reference`, the frozen stage-1 Captioner. `clip` is
-    the reward CLIP and reward_features (B, D_r) its embeddings of the same images; by default
-    the reward CLIP is the one that made the features, and reward_features are the features.
-    Returns (loss, stats).
+    Stage 2 on B unlabeled images (features only, (B, D)):
+        L = REINFORCE(r) + β · KL(π ‖ π_ref),   r_ik = CLIP-S(image_i, y_ik) = w · max(cos, 0)
+    k: K samples per image; w: CLIP-S's scale; kl_weight: β; reference: π_ref, the frozen
+    stage-1 Captioner. `clip` is the reward CLIP and reward_features (B, D_r) its embeddings of
+    the same images; by default the reward CLIP is the one that made the features, and
+    reward_features are the features. Returns (loss, stats).
     """
     forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
     autocast = nullcontext() if autocast is None else autocast
     reward_features = features if reward_features is None else reward_features  # (B, D_r)
+    r = rollout(model, features, tok,
+                lambda texts, k: clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, w, prompt),
+                k=k, baseline_kind=baseline_kind, temperature=temperature, max_new_tokens=max_new_tokens,
+                generator=generator)
+    feats_k, P = features.repeat_interleave(k, dim=0), model.prefix_len  # (B*K, D)
     with torch.no_grad():
-        feats_k = features.repeat_interleave(k, dim=0)  # (B*K, D)
-        prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
-        g = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
-        texts = [tok.decode(t) for t in g.tokens.tolist()]
-        reward = clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, reward_weight, prompt)  # (B*K,)
-        greedy_r = None
-        if baseline_kind == "greedy":
-            gg = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
-            greedy_r = clip_reward(clip, reward_features, [tok.decode(t) for t in gg.tokens.tolist()],
-                                   reward_weight, prompt)
-        base = baseline(reward, k, baseline_kind, greedy_r)  # (B*K,)
-        P = reference.prefix_len
-        ref_logits = reference(feats_k, g.tokens[:, :-1])[:, P - 1:]  # (B*K, T, V) the stage-1 policy
+        ref_logits = reference(feats_k, r.out.tokens[:, :-1])[:, P - 1:]  # (B*K, T, V) π_ref, the stage-1 policy
     with autocast:
-        logits = forward(feats_k, g.tokens[:, :-1])[:, model.prefix_len - 1:]  # (B*K, T, V)
-    rl = reinforce_loss(sampled_logprobs(logits, g.tokens, temperature), g.mask, reward, base)
-    kl = kl_penalty(logits, ref_logits, g.mask)  # of the policy itself, at temperature 1
+        logits = forward(feats_k, r.out.tokens[:, :-1])[:, P - 1:]  # (B*K, T, V)
+    rl = reinforce_loss(sampled_logprobs(logits, r.out.tokens, temperature), r.out.mask, r.reward, r.baseline)
+    kl = kl_penalty(logits, ref_logits, r.out.mask)  # of the policy itself, at temperature 1
     loss = rl + kl_weight * kl
-    return loss, {"loss": loss.item(), "reward": reward.mean().item(), "reward_std": reward.std().item(),
-                  "baseline": base.mean().item(), "kl": kl.item(), "gen_len": g.lengths().float().mean().item(),
-                  "repetition": repetition_rate(texts)}
+    return loss, {"loss": loss.item(), "reward": r.reward.mean().item(), "reward_std": r.reward.std().item(),
+                  "baseline": r.baseline.mean().item(), "kl": kl.item(),
+                  "gen_len": r.out.lengths().float().mean().item(), "repetition": repetition_rate(r.texts)}

@@ -48,13 +48,13 @@ MUTANTS = [
     ("beam length penalty dropped", "nanocap/decode.py",
      "final = (scores / lengths.pow(length_penalty)).view(N, K)", "final = scores.view(N, K)"),
     ("λ ignored (stage 1)", "nanocap/losses.py",
-     "loss = ce + weight * rl", "loss = ce + rl"),
+     "loss = ce + contrastive_weight * rl", "loss = ce + rl"),
     ("β ignored (stage 2)", "nanocap/losses.py",
      "loss = rl + kl_weight * kl", "loss = rl + 0.1 * kl"),
     ("train.py drops --kl_weight", "train.py",
      "kl_weight=cfg.kl_weight", "kl_weight=0.1"),
     ("train.py drops --contrastive_weight", "train.py",
-     "weight=cfg.contrastive_weight", "weight=0.01"),
+     "contrastive_weight=cfg.contrastive_weight", "contrastive_weight=0.01"),
 ]
 
 FAST = ["-m", "pytest", "-x", "-q", "-m", "not slow", "tests", "-p", "no:cacheprovider"]  # make test-fast, stopping at the first failure

@@ -6,12 +6,12 @@ import re
 import pytest
 
 import data_prep
+from nanocap.base.files import read_json
 from nanocap.data import layout
-from tests.helpers import cli
 
 
 def test_layout_and_disjoint_splits(tiny_shapes):
-    meta = layout.read_json(os.path.join(tiny_shapes, "meta.json"))
+    meta = read_json(os.path.join(tiny_shapes, "meta.json"))
     assert meta["features_normalized"] is True and meta["clip"] != meta["eval_clip"]
     seen = {}
     for split in data_prep.SPLITS:
@@ -70,7 +70,7 @@ def test_compositional_clip_its_features_and_a_cell_of_the_2x2(tiny_shapes, tmp_
     data_prep.prepare_shapes(data_prep.ShapesConfig(data_dir=world, n_web=128, n_train=120, n_val=16, n_test=16,
                                                     clip_steps=2, eval_clip_steps=2, lm_steps=40, seed=7,
                                                     compositional=True, comp_clip_steps=2, clip_batch_size=32))
-    meta = layout.read_json(os.path.join(world, "meta.json"))
+    meta = read_json(os.path.join(world, "meta.json"))
     assert meta["comp_clip"] == "models/clip_comp.json" and meta["clip"] == "models/clip_reward.json"
     assert json.load(open(os.path.join(world, "models", "clip_comp.json")))["vision_cfg"]["patch_size"] == 8
     assert set(json.load(open(os.path.join(world, "summary.json")))["clip"]) == {"reward", "eval", "comp"}
@@ -81,7 +81,7 @@ def test_compositional_clip_its_features_and_a_cell_of_the_2x2(tiny_shapes, tmp_
     out = str(tmp_path / "out")
     train.main(train.Config(data_dir=world, out_dir=out, clip=comp[0], clip_weights=comp[1], reward_clip=bow[0],
                             reward_clip_weights=bow[1], max_iters=2, batch_size=4, stage2_iters=1,
-                            stage2_batch_size=4, samples_per_image=2, eval_interval=1000, max_new_tokens=8))
+                            stage2_batch_size=4, stage2_samples=2, eval_interval=1000, max_new_tokens=8))
     ckpt = read_checkpoint(os.path.join(out, "stage2.pt"))
     assert ckpt["clip"]["name"] == comp[0] and ckpt["reward_clip"] == {"name": bow[0], "weights": bow[1]}
     # sample.py captions the test split from the features of the CLIP the checkpoint names
@@ -91,8 +91,8 @@ def test_compositional_clip_its_features_and_a_cell_of_the_2x2(tiny_shapes, tmp_
 
 
 def test_the_pretrain_dtype_is_recorded_and_a_world_keeps_one(tiny_shapes, pretrain_dtype, capsys):
-    assert layout.read_json(os.path.join(tiny_shapes, "meta.json"))["pretrain_dtype"] == pretrain_dtype
-    assert layout.read_json(os.path.join(tiny_shapes, "summary.json"))["pretrain_dtype"] == pretrain_dtype
+    assert read_json(os.path.join(tiny_shapes, "meta.json"))["pretrain_dtype"] == pretrain_dtype
+    assert read_json(os.path.join(tiny_shapes, "summary.json"))["pretrain_dtype"] == pretrain_dtype
     other = {"float32": "bfloat16", "bfloat16": "float32"}[pretrain_dtype]
     with pytest.raises(SystemExit, match=f"pretrained in {pretrain_dtype}, not {other}: use --pretrain_dtype"):
         data_prep.main(["--data_dir", tiny_shapes, "--pretrain_dtype", other])

@@ -55,8 +55,8 @@ def test_ddp_gradients_match_single_process(tmp_path):
 
 
 # both stages on 2 ranks, a few steps: checkpoints at stage-1 steps 2 and 4, and at stage 2's end
-RUN = dict(max_iters=4, eval_interval=2, log_interval=1, batch_size=4, contrastive_weight=0.5, contrastive_samples=2,
-           stage2_iters=2, stage2_batch_size=2, samples_per_image=2)
+RUN = dict(max_iters=4, eval_interval=2, log_interval=1, batch_size=4, contrastive_weight=0.5, stage1_samples=2,
+           stage2_iters=2, stage2_batch_size=2, stage2_samples=2)
 
 
 def two_rank_run(rank, port, data_dir, out_dir, resume, full_disk_at, result_dir):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import data_prep
 import sample
 import train
+from nanocap.base.files import read_json
 from nanocap.captioner import read_checkpoint
 from nanocap.data import layout, real
 from nanocap.data.shapes import captions, make_split, render
@@ -84,7 +85,7 @@ def coco_dir(tmp_path_factory, models, fake_coco):
 
 @pytest.mark.slow
 def test_coco_layout_meta_and_skipped_image(coco_dir, models):
-    meta = layout.read_json(coco_dir / "meta.json")
+    meta = read_json(coco_dir / "meta.json")
     assert meta["clip"] == meta["eval_clip"] == "ViT-B-32-quickgelu"
     assert meta["clip_weights"] == meta["eval_clip_weights"] == models["clip"] and meta["gpt"] == models["gpt"]
     assert meta["features_normalized"] is True
@@ -113,11 +114,11 @@ def test_coco_stage1_stage2_and_eval(tmp_path, coco_dir, models, capsys):
     out = tmp_path / "out"
     common = dict(data_dir=str(coco_dir), out_dir=str(out), eval_interval=1000, log_interval=1, max_new_tokens=8,
                   labeled_fraction=0.5)  # both stages: stage 2's pool is the half stage 1 did not see captioned
-    train.main(train.Config(stage=1, batch_size=2, max_iters=2, contrastive_samples=2, **common))
+    train.main(train.Config(stage=1, batch_size=2, max_iters=2, stage1_samples=2, **common))
     ckpt = read_checkpoint(out / "stage1.pt")
     assert ckpt["clip"]["name"] == "ViT-B-32-quickgelu" and ckpt["clip"]["weights"] == models["clip"]
     assert ckpt["model_args"]["gpt"]["n_embd"] == 32  # the GPT named in meta.json
-    train.main(train.Config(stage=2, stage2_iters=2, stage2_batch_size=2, samples_per_image=2, **common))
+    train.main(train.Config(stage=2, stage2_iters=2, stage2_batch_size=2, stage2_samples=2, **common))
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len([r for r in log if r.get("stage") == 2 and "reward" in r]) == 2
     res = tmp_path / "res" / "test.json"
@@ -165,7 +166,7 @@ def test_own_folder_uncaptioned_images_are_the_unlabeled_pool(tmp_path, models, 
     data_prep.main(["--dataset", "folder", "--images", str(photos), "--captions", str(tmp_path / "captions.jsonl"),
                     "--data_dir", str(data_dir), "--clip_weights", models["clip"], "--gpt", models["gpt"],
                     "--batch_size", "4", "--num_workers", "0"])
-    meta = layout.read_json(data_dir / "meta.json")
+    meta = read_json(data_dir / "meta.json")
     assert meta["splits"] == {"train": 5, "val": 1, "test": 1} and meta["train_captioned"] == 2
     # the two malformed lines (6 and 7) were skipped, counted and listed; the run completed
     report = (data_dir / "bad_caption_lines.txt").read_text().splitlines()
@@ -180,7 +181,7 @@ def test_own_folder_uncaptioned_images_are_the_unlabeled_pool(tmp_path, models, 
     capsys.readouterr()
     train.main(train.Config(stage=1, batch_size=2, max_iters=2, contrastive_weight=0.0, **common))
     assert "; 2 labeled images;" in capsys.readouterr().out
-    train.main(train.Config(stage=2, stage2_iters=1, stage2_batch_size=3, samples_per_image=2, **common))
+    train.main(train.Config(stage=2, stage2_iters=1, stage2_batch_size=3, stage2_samples=2, **common))
     assert "; 3 unlabeled images;" in capsys.readouterr().out
 
 
@@ -234,7 +235,7 @@ def test_coco_reward_clip_of_another_architecture(tmp_path, coco_dir, models, fa
         return stage2_loss(model, reference, features, clip, tok, **kw)
     monkeypatch.setattr(train.losses, "stage2_loss", spy)
     train.main(train.Config(stage=0, batch_size=2, max_iters=1, stage2_iters=1, stage2_batch_size=2,
-                            samples_per_image=2, **common))
+                            stage2_samples=2, **common))
     assert seen == {"features": (2, 512), "reward": (2, 384), "clip": 384}
     for stage in (1, 2):
         ckpt = read_checkpoint(data_dir.parent / "out" / f"stage{stage}.pt")

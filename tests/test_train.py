@@ -14,12 +14,14 @@ import torch
 import sample
 import train
 from nanocap import losses
+from nanocap.base.files import read_json, write_json
+from nanocap.base.system import System
 from nanocap.captioner import load_captioner, read_checkpoint, state_digest
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout
 from nanocap.tokenizer import caption_batch, get_tokenizer
 from nanocap.tools.cli import parse_config
-from nanocap.tools.training import System
+
 from tests.helpers import cli_start
 
 
@@ -51,7 +53,7 @@ def stage1_grads(model, clip, tok, feats, refs, weight, seed=0):
     """Gradients of losses.stage1_loss at this weight, sampling from a generator seeded `seed`."""
     model.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(seed)
-    loss, stats = losses.stage1_loss(model, feats, refs, clip, tok, weight=weight, k=2, generator=gen)
+    loss, stats = losses.stage1_loss(model, feats, refs, clip, tok, contrastive_weight=weight, k=2, generator=gen)
     loss.backward()
     return flat_grad(model), stats
 
@@ -86,7 +88,7 @@ def test_contrastive_term_reaches_the_gradient_and_lambda_0_is_cross_entropy(tmp
 
 @pytest.mark.parametrize("stage,knob", [(1, "contrastive_weight"), (2, "kl_weight")])
 def test_train_py_weights_its_objective_by_lambda_and_beta(tiny_run, tiny_shapes, stage, knob):
-    """train.stage_loss hands --contrastive_weight (λ) and --kl_weight (β) to the objective: with the
+    """train.py hands --contrastive_weight (λ) and --kl_weight (β) to the objective: with the
     same samples (same seed) the loss at weight w is loss(0) + w * (loss(1) - loss(0)), and the term moves it."""
     model, ckpt = load_captioner(os.path.join(tiny_run, "stage1.pt"))
     reference, _ = load_captioner(os.path.join(tiny_run, "stage1.pt"))
@@ -101,9 +103,10 @@ def test_train_py_weights_its_objective_by_lambda_and_beta(tiny_run, tiny_shapes
     system = System(ddp=False, rank=0, device=torch.device("cpu"), dtype=torch.float32)
 
     def loss_at(w):
-        cfg = train.Config(data_dir=tiny_shapes, batch_size=4, stage2_batch_size=4, samples_per_image=2, **{knob: w})
-        gen = torch.Generator().manual_seed(0)
-        return train.stage_loss(cfg, stage, model, model, reference, data, clip, tok, gen, system)[0].item()
+        cfg = train.Config(data_dir=tiny_shapes, batch_size=4, stage2_batch_size=4, stage2_samples=2, **{knob: w})
+        run = train.Run(train.Data({}, {}, {}, data, None, {}, []), model, model, reference, tok, clip, None,
+                        torch.Generator().manual_seed(0), {}, 0, {})
+        return train.finite_loss(cfg, train.stages(cfg)[stage - 1], run, 0, system)[0].item()
     l0, l1, half = loss_at(0.0), loss_at(1.0), loss_at(0.5)
     assert abs(l1 - l0) > 1e-3, (l0, l1)
     assert half == pytest.approx(l0 + 0.5 * (l1 - l0), abs=1e-4)
@@ -119,7 +122,7 @@ def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_
         return real_read(path)
 
     monkeypatch.setattr(layout, "read_jsonl", guarded)
-    log = run(tmp_path / "out", tiny_shapes, stage=2, stage2_iters=40, stage2_batch_size=8, samples_per_image=4,
+    log = run(tmp_path / "out", tiny_shapes, stage=2, stage2_iters=40, stage2_batch_size=8, stage2_samples=4,
               stage2_lr=3e-3, kl_weight=0.0, baseline="mean")
     reward = losses_of(log, "reward", 2)
     assert len(reward) == 40
@@ -131,16 +134,16 @@ def test_stage2_raises_reward_and_never_reads_unlabeled_captions(tmp_path, tiny_
         layout.Unlabeled(torch.zeros(2, 4)).captions
     # a reward CLIP's features travel with the pool: each drawn row is the same image in both
     feats, reward = torch.arange(10.0)[:, None].repeat(1, 4), torch.arange(10.0)[:, None].repeat(1, 3) + 100
-    f, r = layout.get_batch(layout.Unlabeled(feats, reward), 5, torch.Generator().manual_seed(0))
+    f, r = layout.Unlabeled(feats, reward).batch(5, torch.Generator().manual_seed(0))
     assert f.shape == (5, 4) and r.shape == (5, 3) and torch.equal(r[:, 0], f[:, 0] + 100)
-    f, r = layout.get_batch(layout.Unlabeled(feats), 5, torch.Generator().manual_seed(0))
+    f, r = layout.Unlabeled(feats).batch(5, torch.Generator().manual_seed(0))
     assert torch.equal(f, r)  # by default the reward CLIP is the feature CLIP
 
 
 @pytest.mark.slow
 def test_no_stage_runs_stage_1_then_stage_2_as_two_runs_do(tmp_path, tiny_shapes, capsys):
     kw = dict(batch_size=4, max_iters=3, contrastive_weight=0.0, stage2_iters=3, stage2_batch_size=4,
-              samples_per_image=2, stage2_warmup_iters=2, stage2_lr=1e-3)
+              stage2_samples=2, stage2_warmup_iters=2, stage2_lr=1e-3)
     both = run(tmp_path / "both", tiny_shapes, **kw)  # no stage: 1, then 2 from its checkpoint
     assert "finetune_gpt = True" in capsys.readouterr().out  # stage 2 says what it inherits
     run(tmp_path / "apart", tiny_shapes, stage=1, **kw)
@@ -162,7 +165,7 @@ def same_weights(path_a, path_b):
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_shapes):
     args = ["--stage", "1", "--data_dir", tiny_shapes, "--max_iters", "8", "--eval_interval", "2",
-            "--log_interval", "1", "--batch_size", "4", "--contrastive_samples", "2", "--contrastive_weight", "0.5"]
+            "--log_interval", "1", "--batch_size", "4", "--stage1_samples", "2", "--contrastive_weight", "0.5"]
     a = tmp_path / "a"
     train.main(parse_config(train.Config, ["--out_dir", str(a), *args]))  # uninterrupted, in this process
     b = tmp_path / "b"
@@ -190,14 +193,14 @@ def scripted_evaluate(monkeypatch, val_losses, val_rewards=()):
     figures = {1: iter(val_losses), 2: iter(val_rewards)}
 
     def evaluate(cfg, stage, *args):
-        return {"val_loss" if stage == 1 else "val_reward": next(figures[stage])}, []
+        return {"val_loss" if stage.n == 1 else "val_reward": next(figures[stage.n])}, []
 
     monkeypatch.setattr(train, "evaluate", evaluate)
 
 
 def test_stage1_keeps_its_best_checkpoint_and_stage2_its_last(tmp_path, tiny_shapes, monkeypatch):
     kw = dict(batch_size=4, max_iters=6, contrastive_weight=0.0, stage2_iters=4, stage2_batch_size=4,
-              samples_per_image=2)
+              stage2_samples=2)
     # steps 0, 2, 4, 6: the val loss is lowest at step 4; stage 2's val reward is highest at step 2
     scripted_evaluate(monkeypatch, [9.0, 1.0, 0.5, 0.7], [1.0, 2.0, 1.5])
     train.main(train.Config(data_dir=tiny_shapes, out_dir=str(tmp_path / "best"), eval_interval=2, **kw))
@@ -223,7 +226,7 @@ def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_pat
     assert ckpt["split"]["n_labeled"] == 2 and ckpt["split"]["n_train"] == 120
     stage2 = lambda **kw: train.main(train.Config(stage=2, data_dir=tiny_shapes, out_dir=str(tmp_path / "s2"),
                                                   init_from=os.path.join(tiny_run, "stage1.pt"), stage2_iters=1,
-                                                  stage2_batch_size=2, samples_per_image=2, **kw))
+                                                  stage2_batch_size=2, stage2_samples=2, **kw))
     labeled, _ = layout.labeled_split(120, 0.02, 1337)
     _, pool = layout.labeled_split(120, 0.02, 1338)
     for kw, named in ((dict(seed=1338), "--seed 1338 (stage 1: 1337)"),
@@ -244,7 +247,7 @@ def test_stage2_takes_its_pool_from_the_stage1_split_and_refuses_another(tmp_pat
 def test_zero_steps_save_the_initial_state(tmp_path, tiny_shapes):
     """--max_iters 0 / --stage2_iters 0: each stage evaluates and saves the state it starts from."""
     run(tmp_path / "out", tiny_shapes, max_iters=0, stage2_iters=0, batch_size=4, stage2_batch_size=2,
-        samples_per_image=2)
+        stage2_samples=2)
     s1, s2 = read_checkpoint(tmp_path / "out" / "stage1.pt"), read_checkpoint(tmp_path / "out" / "stage2.pt")
     assert s1["step"] == s2["step"] == 0 and s1["best"]["step"] == 0
     assert all(torch.equal(s1["model"][k], s2["model"][k]) for k in s1["model"])  # stage 2 of 0 steps: stage 1
@@ -279,7 +282,7 @@ def test_a_checkpoint_from_before_per_rank_streams_resumes_exactly(tmp_path, tin
     """A single process's checkpoint with the old keys (generator, torch_rng; no KL reference, no split
     digest) resumes to the uninterrupted run's weights."""
     kw = dict(stage=1, data_dir=tiny_shapes, batch_size=4, max_iters=4, eval_interval=2, contrastive_weight=0.5,
-              contrastive_samples=2)
+              stage1_samples=2)
     train.main(train.Config(**kw, out_dir=str(tmp_path / "whole")))
     lr_at = train.lr_at
 
@@ -319,8 +322,8 @@ def remade_with(tmp_path, tiny_shapes, **meta_changes):
     for name in os.listdir(tiny_shapes):
         if name != "meta.json":
             os.symlink(os.path.join(tiny_shapes, name), remade / name)
-    meta = layout.read_json(os.path.join(tiny_shapes, "meta.json"))
-    layout.write_json(remade / "meta.json", dict(meta, **meta_changes))
+    meta = read_json(os.path.join(tiny_shapes, "meta.json"))
+    write_json(remade / "meta.json", dict(meta, **meta_changes))
     return str(remade)
 
 
@@ -333,7 +336,7 @@ def test_stage2_refuses_a_dataset_whose_captioned_set_changed(tmp_path, tiny_run
     with pytest.raises(SystemExit) as e:
         train.main(train.Config(stage=2, data_dir=remade, out_dir=str(tmp_path / "s2"), stage2_iters=1,
                                 init_from=os.path.join(tiny_run, "stage1.pt"), stage2_batch_size=2,
-                                samples_per_image=2))
+                                stage2_samples=2))
     line = str(e.value.code)
     assert "\n" not in line and "learned from another labeled split" in line
     assert "had all captioned train images, this one has 100" in line
@@ -342,7 +345,7 @@ def test_stage2_refuses_a_dataset_whose_captioned_set_changed(tmp_path, tiny_run
 
 def test_resumed_stage2_keeps_its_kl_reference(tmp_path, tiny_shapes):
     kw = dict(data_dir=tiny_shapes, out_dir=str(tmp_path / "out"), batch_size=4, max_iters=2, contrastive_weight=0.0,
-              stage2_iters=2, stage2_batch_size=2, samples_per_image=2, eval_interval=1000)
+              stage2_iters=2, stage2_batch_size=2, stage2_samples=2, eval_interval=1000)
     train.main(train.Config(**kw))
     stage2 = read_checkpoint(tmp_path / "out" / "stage2.pt")
     assert stage2["reference"] == state_digest(load_captioner(tmp_path / "out" / "stage1.pt")[0])
@@ -365,7 +368,7 @@ def test_bfloat16_and_compile_train_both_stages_and_sample(tmp_path, tiny_shapes
     compile costs about 15 s here): stage 2's other shapes make dynamo compile the forward again,
     with dynamic shapes, as a GPU run does at its second step."""
     kw = dict(dtype="bfloat16", max_iters=1, stage2_iters=1, batch_size=4, contrastive_weight=0.5,
-              contrastive_samples=2, stage2_batch_size=2, samples_per_image=2)
+              stage1_samples=2, stage2_batch_size=2, stage2_samples=2)
     compiled = run(tmp_path / "compiled", tiny_shapes, compile=True, **kw)
     eager = run(tmp_path / "eager", tiny_shapes, **kw)
     # the same batches and samples (the generator draws alike): the same losses up to bf16 rounding in

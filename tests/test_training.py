@@ -1,19 +1,23 @@
 """The small helpers the objectives and train.py stand on: the learning-rate schedule, the one
 weight-decay rule, caption batches, the repetition rate, the CLIP-S prompt, on-policy log-probs
-at a temperature, and atomic writes."""
+at a temperature, the sampling scaffold both objectives share, and atomic writes."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanocap import losses
+from nanocap.base.files import atomic_write, read_json, write_json
+from nanocap.base.optim import lr_at, make_optimizer, param_groups
 from nanocap.captioner import Captioner
-from nanocap.data import layout, pretrain
+from nanocap.data import pretrain
+from nanocap.decode import greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import caption_batch, get_tokenizer
-from nanocap.tools.training import log_jsonl, lr_at, make_optimizer, param_groups, read_log, restart_log
+from nanocap.tools.training import log_jsonl, read_log, restart_log
 
 
 def test_lr_at_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -31,6 +35,34 @@ def test_lr_at_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 def small_captioner(mapper="mlp"):
     gpt = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
     return Captioner(build_mapper(mapper, 8, 4, 16), gpt)
+
+
+def test_rollout_scores_k_samples_per_image_and_the_greedy_baseline_one_caption_each():
+    """losses.rollout, the scaffold of both objectives: the B*K samples are scored in one call,
+    the baseline is the leave-one-out mean of them, or (greedy) the reward of each image's greedy
+    caption, scored with k = 1; the baseline does not change what is sampled."""
+    model, B, K = small_captioner().eval(), 3, 4
+    tok = SimpleNamespace(eos_id=0, decode=lambda ids: " ".join(map(str, ids)))
+    feats = torch.randn(B, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def reward_fn(texts, k):
+        calls.append((len(texts), k))
+        return torch.tensor([float(len(t)) for t in texts])
+
+    run = lambda kind: losses.rollout(model, feats, tok, reward_fn, k=K, baseline_kind=kind, max_new_tokens=5,
+                                      generator=torch.Generator().manual_seed(1))
+    mean = run("mean")
+    assert calls == [(B * K, K)] and mean.out.tokens.shape[0] == len(mean.texts) == B * K
+    assert mean.texts == [tok.decode(t) for t in mean.out.tokens.tolist()]
+    assert torch.equal(mean.reward, torch.tensor([float(len(t)) for t in mean.texts]))
+    assert torch.equal(mean.baseline, losses.baseline(mean.reward, K, "mean"))
+    calls.clear()
+    self_critical = run("greedy")
+    assert calls == [(B * K, K), (B, 1)]
+    greedy_texts = [tok.decode(t) for t in greedy(model.gpt, model.prefix(feats), 5, 0).tokens.tolist()]
+    assert torch.equal(self_critical.baseline, torch.tensor([float(len(t)) for t in greedy_texts]).repeat_interleave(K))
+    assert torch.equal(self_critical.out.tokens, mean.out.tokens)
 
 
 def test_weight_decay_on_matrices_only_never_on_embeddings_norms_or_biases():
@@ -124,15 +156,15 @@ def test_caption_loss_is_float32_for_bf16_logits():
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "f.json"
-    layout.write_json(path, {"a": 1})
+    write_json(path, {"a": 1})
 
     def broken(tmp):
         open(tmp, "w").write("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        layout.atomic_write(str(path), broken)
-    assert layout.read_json(path) == {"a": 1}
+        atomic_write(str(path), broken)
+    assert read_json(path) == {"a": 1}
     assert os.listdir(tmp_path) == ["f.json"]  # no temporary file left behind
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import data_prep
 import train
+from nanocap.base.files import read_json, write_json
 from nanocap.captioner import read_checkpoint
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout, pool, webpool
@@ -60,7 +61,7 @@ def test_pool_from_tars_skips_the_unreadable_and_keeps_captions(tmp_path, tiny_s
     data_prep.main(prep_pool(str(tmp_path / "pool"), shards, tiny_shapes))
     out = capsys.readouterr().out
     assert "8 images from 2 tars, 2 unreadable skipped" in out
-    meta = layout.read_json(tmp_path / "pool" / "meta.json")
+    meta = read_json(tmp_path / "pool" / "meta.json")
     assert meta["dataset"] == "webdataset" and meta["splits"] == {"pool": 8} and [s["rows"] for s in meta["pool"]] == [4, 4]
     skipped = (tmp_path / "pool" / "pool" / "skipped.txt").read_text().splitlines()
     assert len(skipped) == 2 and "000000003.jpg: not an image" in skipped[0] and "000000006: no image member" in skipped[1]
@@ -114,7 +115,7 @@ def test_two_ranks_equal_one_and_a_failing_rank_stops_both_then_resumes(tmp_path
     r = torchrun_prep(prep_pool(str(two), shards, tiny_shapes))  # resumes: tar 0's shard is kept
     assert r.returncode == 0, r.stderr[-2000:]
     assert (two / "pool" / "00000.safetensors").stat().st_mtime_ns == mtime
-    assert layout.read_json(two / "meta.json")["pool"] == layout.read_json(one / "meta.json")["pool"]
+    assert read_json(two / "meta.json")["pool"] == read_json(one / "meta.json")["pool"]
     for t in range(3):
         a, b = (load_file(d / "pool" / f"{t:05d}.safetensors")["features"] for d in (one, two))
         assert torch.equal(a, b), t
@@ -139,7 +140,7 @@ def test_stage2_on_dataset_plus_pool_never_reads_a_caption(tmp_path, tiny_shapes
                                                                          real_rows(self, pick))[1])
     out = tmp_path / "out"
     train.main(train.Config(stage=2, data_dir=tiny_shapes, out_dir=str(out), init_from=os.path.join(tiny_run, "stage1.pt"),
-                            unlabeled_pool=[pool_dir], stage2_iters=6, stage2_batch_size=8, samples_per_image=2,
+                            unlabeled_pool=[pool_dir], stage2_iters=6, stage2_batch_size=8, stage2_samples=2,
                             eval_interval=1000))
     n_unlabeled = 120 - round(0.02 * 120)
     assert f"{n_unlabeled + 12} unlabeled images" in capsys.readouterr().out
@@ -199,8 +200,8 @@ def test_pool_errors_are_one_line(tmp_path, tiny_shapes, tiny_run):
     os.makedirs(evaluation_only)
     for name in ("models", "val", "test"):
         os.symlink(os.path.join(tiny_shapes, name), evaluation_only / name)
-    meta = layout.read_json(os.path.join(tiny_shapes, "meta.json"))
-    layout.write_json(evaluation_only / "meta.json", dict(meta, splits={"val": 16, "test": 16}))
+    meta = read_json(os.path.join(tiny_shapes, "meta.json"))
+    write_json(evaluation_only / "meta.json", dict(meta, splits={"val": 16, "test": 16}))
     with pytest.raises(SystemExit, match="has no train split"):
         train.main(train.Config(stage=1, data_dir=str(evaluation_only), out_dir=str(tmp_path / "out2")))
 
@@ -208,13 +209,13 @@ def test_pool_errors_are_one_line(tmp_path, tiny_shapes, tiny_run):
 def nan_on_rank_1(rank, port, data_dir, out_dir, result_dir):
     """One rank of a 2-rank stage 1, run the way torchrun runs it; rank 1's loss becomes NaN at step 2."""
     join_as_rank(rank, port)
-    real_loss, calls = train.stage_loss, []
+    real_loss, calls = train.contrastive_objective, []
 
     def loss(*args):
         value, stats = real_loss(*args)
         calls.append(1)
         return (value * float("nan"), stats) if rank == 1 and len(calls) == 2 else (value, stats)
-    train.stage_loss = loss
+    train.contrastive_objective = loss
     try:
         train.main(train.Config(stage=1, data_dir=data_dir, out_dir=out_dir, max_iters=5, eval_interval=1000,
                                 batch_size=4, contrastive_weight=0.0))

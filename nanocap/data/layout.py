@@ -18,8 +18,12 @@ nanocap/data/webpool.py. An image without captions (`"captions": []`) can only s
 images come after all captioned ones, and meta["train_captioned"] says how many captioned ones
 there are (absent: all), so stage 2 knows its pool without reading a caption. Paths in meta.json
 are relative to the dataset folder, absolute, or names (gpt2, ViT-B-32-quickgelu, openai).
-Writes are atomic (atomic_write): a temporary file, flushed to disk, then a rename, so a killed
-run never leaves a half-written file behind.
+Writes are atomic (nanocap/base/files.py): a temporary file, flushed to disk, then a rename, so a
+killed run never leaves a half-written file behind.
+
+Training reads a split as a Captioned set (stage 1: features and captions) or an Unlabeled one
+(stage 2: features only); both, and stage 2's memory-mapped pool (pool.py), draw a batch with
+.batch(B, generator, device) -> (features (B, D), what the stage scores them with).
 """
 
 import json
@@ -30,42 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write(path, write):
-    """Write `path` so that it is either the old file or the whole new one, never half of it:
-    write(tmp) writes a temporary file, which is flushed to disk (fsync) and renamed over path.
-    The dataset's json files and features, feature shards, checkpoints and the toy models' weights
-    go through here; small side files (a model's config.json, the vocab) are written before their
-    weights, whose presence is what a rerun checks."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # write() failed: leave no temporary file behind
-            os.remove(tmp)
-
-
-def atomic_write_bytes(path, data):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
-
-
-def write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_jsonl(path, records):
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+from nanocap.base.files import atomic_write
 
 
 def parse_jsonl(path):
@@ -177,6 +146,14 @@ class Captioned:
     def __len__(self):
         return len(self.features)
 
+    def batch(self, batch_size, generator, device="cpu"):
+        """B = min(batch_size, N) distinct images drawn by generator (on `device`): their features
+        (B, D) and one caption of each, drawn uniformly from its captions (what stage 1 learns)."""
+        pick = draw(len(self), batch_size, generator, device)
+        caps = self.captions
+        return self.features[pick].to(device), [
+            caps[i][int(torch.randint(len(caps[i]), (1,), generator=generator, device=device))] for i in pick.tolist()]
+
 
 class Unlabeled:
     """Unlabeled images for stage 2: features only. The captions are not even kept, so stage 2
@@ -193,16 +170,13 @@ class Unlabeled:
     def captions(self):
         raise RuntimeError("stage 2 must never read the captions of unlabeled images")
 
+    def batch(self, batch_size, generator, device="cpu"):
+        """B = min(batch_size, N) distinct images drawn by generator (on `device`): their features
+        (B, D) and the reward CLIP's features of the same images (B, D_r), what stage 2 scores."""
+        pick = draw(len(self), batch_size, generator, device)
+        return self.features[pick].to(device), self.reward_features[pick].to(device)
 
-def get_batch(train_set, batch_size, generator, device="cpu"):
-    """B distinct images of a Captioned set or an Unlabeled pool, drawn by generator (on `device`):
-    their features (B, D) and what the stage's loss scores them with: for a Captioned set one
-    caption of each, drawn uniformly; for the unlabeled pool the reward CLIP's features (B, D_r)."""
-    B = min(batch_size, len(train_set))
-    pick = torch.randperm(len(train_set), generator=generator, device=device)[:B].cpu()
-    feats = train_set.features[pick].to(device)
-    if isinstance(train_set, Unlabeled):
-        return feats, train_set.reward_features[pick].to(device)
-    caps = train_set.captions
-    return feats, [caps[i][int(torch.randint(len(caps[i]), (1,), generator=generator, device=device))]
-                   for i in pick.tolist()]
+
+def draw(n, batch_size, generator, device):
+    """min(batch_size, n) distinct indices of n, drawn by generator (on `device`), on the CPU."""
+    return torch.randperm(n, generator=generator, device=device)[:min(batch_size, n)].cpu()

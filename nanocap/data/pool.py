@@ -28,6 +28,7 @@ import struct
 import numpy as np
 import torch
 
+from nanocap.base.files import read_json
 from nanocap.data import layout
 
 
@@ -67,7 +68,7 @@ def read_pool(pool_dir):
     if not os.path.isfile(meta_path):
         raise SystemExit(f"error: --unlabeled_pool {pool_dir} has no meta.json; make it with `python data_prep.py "
                          f"--dataset webdataset --shards ... --data_dir {pool_dir}` (a killed run: run it again)")
-    meta = layout.read_json(meta_path)
+    meta = read_json(meta_path)
     if meta.get("dataset") != "webdataset":
         raise SystemExit(f"error: --unlabeled_pool {pool_dir} is a {meta.get('dataset')} dataset, not a pool; pools "
                          f"come from data_prep.py --dataset webdataset (a dataset's own unlabeled images are always used)")

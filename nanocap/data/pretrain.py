@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from nanocap.base.files import atomic_write
+from nanocap.base.optim import lr_at, param_groups
 from nanocap.data import shapes
-from nanocap.data.layout import atomic_write
 from nanocap.gpt import GPT
 from nanocap.losses import clip_s, embed_captions, info_nce, prompted
 from nanocap.tokenizer import caption_batch
-from nanocap.tools.training import lr_at, param_groups
+
 
 # -----------------------------------------------------------------------------
 # configs

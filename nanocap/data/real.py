@@ -44,10 +44,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from nanocap.base.files import atomic_write_bytes, read_json, write_json, write_jsonl
+from nanocap.base.system import pick_device
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout
 from nanocap.data.images import IMAGE_EXTENSIONS, ImageError, load_image
-from nanocap.tools.training import pick_device
+
 
 # -----------------------------------------------------------------------------
 # encoding image files, each once
@@ -176,14 +178,14 @@ def write_split(cfg, split, records, clip, eval_clip, reward_clip=None):
         tqdm.write(f"skipped: {bad[i]}")
     if len(bad) > 20:
         tqdm.write(f"skipped: ... and {len(bad) - 20} more")
-    layout.atomic_write_bytes(os.path.join(folder, "skipped.txt"), "".join(f"{bad[i]}\n" for i in sorted(bad)).encode())
+    atomic_write_bytes(os.path.join(folder, "skipped.txt"), "".join(f"{bad[i]}\n" for i in sorted(bad)).encode())
     layout.save_features(os.path.join(folder, "features.safetensors"), feats[keep], clip=clip.name,
                        clip_weights=clip.weights, normalized=True, source=source)
     for role, other in others.items():
         layout.save_features(os.path.join(folder, f"features_{role}.safetensors"), other_feats[role][keep],
                              clip=other.name, clip_weights=other.weights, normalized=True)
     kept = [records[i] for i in keep]
-    layout.write_jsonl(index, kept)  # last: its presence means the split is complete
+    write_jsonl(index, kept)  # last: its presence means the split is complete
     print(f"{split}: {len(kept)} images" + (f", {len(bad)} unreadable skipped (listed in {folder}/skipped.txt)" if bad else ""))
     return kept, len(bad)
 
@@ -200,7 +202,7 @@ def read_karpathy(cfg):
         raise SystemExit(f"error: --karpathy_json {cfg.karpathy_json!r} is not a file; pass Karpathy's dataset_coco.json "
                          f"(see the README, Real data)")
     try:
-        images = layout.read_json(cfg.karpathy_json)["images"]
+        images = read_json(cfg.karpathy_json)["images"]
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {cfg.karpathy_json} is not a Karpathy split file ({type(e).__name__}: {e}); "
                          f'expected {{"images": [{{"filepath", "filename", "split", "cocoid", "sentences"}}, ...]}}')
@@ -234,7 +236,7 @@ def read_folder(cfg):
     lines, problems = layout.parse_jsonl(cfg.captions)  # malformed lines are skipped, counted and listed
     os.makedirs(cfg.data_dir, exist_ok=True)
     report = os.path.join(cfg.data_dir, "bad_caption_lines.txt")
-    layout.atomic_write_bytes(report, "".join(p + "\n" for p in problems).encode())
+    atomic_write_bytes(report, "".join(p + "\n" for p in problems).encode())
     for p in problems[:5]:
         print(f"skipped: {p}")
     if problems:
@@ -275,7 +277,7 @@ def prepare(cfg):
             raise SystemExit(f"error: unknown split {s!r} in --splits; use train, val, test")
     meta_path = os.path.join(cfg.data_dir, "meta.json")
     clip_name, clip_weights = abs_if_path(cfg.clip), abs_if_path(cfg.clip_weights)
-    old = layout.read_json(meta_path) if os.path.exists(meta_path) else {}
+    old = read_json(meta_path) if os.path.exists(meta_path) else {}
     if old.get("dataset") == "webdataset":
         raise SystemExit(f"error: {cfg.data_dir} holds an unlabeled pool; give the {cfg.dataset} dataset a folder of its own")
     if old and (old.get("clip"), old.get("clip_weights")) != (clip_name, clip_weights):
@@ -305,7 +307,7 @@ def prepare(cfg):
     meta.update(dataset=cfg.dataset, splits=counts, skipped=skipped, clip=clip_name, clip_weights=clip_weights,
                 eval_clip=eval_clip.name, eval_clip_weights=eval_clip.weights, gpt=abs_if_path(cfg.gpt),
                 features_normalized=True)
-    layout.write_json(meta_path, meta)
+    write_json(meta_path, meta)
     print(f"\n{cfg.dataset} in {cfg.data_dir}: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " images"
           + (f" (train: {meta['train_captioned']:,} captioned)" if "train_captioned" in meta else "")
           + f"; CLIP {clip_name} ({clip_weights}); {time.time() - t0:.0f} s")

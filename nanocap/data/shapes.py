@@ -30,7 +30,6 @@ SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 20), "purple": (140, 60, 180), "orange": (245, 130, 20)}
 SIZES = {"small": 0.09, "large": 0.15}  # radius, as a fraction of the image side
-RELATIONS = ["left of", "right of", "above", "below"]
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 ATTRS = ("size", "colour", "shape")  # the three facts every object carries
 KIND_PROBS = {"full": 0.45, "partial": 0.40, "generic": 0.15}

@@ -19,10 +19,10 @@ feature shard:
     data/cc3m/pool/skipped.txt          unreadable members, "tar: key.ext: reason" a line
 
 The tars are dealt to ranks in turn (tar i to rank i mod world size) and done in rounds, one tar per
-rank. After each round the ranks agree whether any failed (tools.training.together): an unreadable
+rank. After each round the ranks agree whether any failed (base.system.together): an unreadable
 tar, or any error, on one rank stops all of them with one line. A feature shard whose header names
 the same CLIP and tar is kept, so a killed run, with any number of ranks, resumes at the tars it had
-not finished; the atomic writes (layout.atomic_write) leave no half-written shard behind. A shard is
+not finished; the atomic writes (atomic_write) leave no half-written shard behind. A shard is
 named after its tar, so a tar dropped from --shards leaves the others' shards valid.
 
 With --num_workers W, each DataLoader worker reads the whole tar and decodes every W-th sample: W
@@ -44,13 +44,14 @@ import webdataset as wds
 from safetensors import safe_open
 from tqdm import tqdm
 
+from nanocap.base.files import atomic_write_bytes, read_json, write_json, write_jsonl
+from nanocap.base.system import pick_device, together
 from nanocap.data import layout
-from nanocap.data.real import LazyCLIP, abs_if_path, file_header
 from nanocap.data.images import ImageError, decode_image
-from nanocap.tools.training import pick_device, together
+from nanocap.data.real import LazyCLIP, abs_if_path, file_header
+
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a sample's image member, the first of these it has
-TEXT_KEYS = ("txt", "json")  # its caption, if any: kept in NNNNN.jsonl, never read by training
 
 
 class TarImages(torch.utils.data.IterableDataset):
@@ -72,6 +73,8 @@ class TarImages(torch.utils.data.IterableDataset):
                 yield self.decode(sample)
 
     def decode(self, sample):
+        """(key, image or why it is unreadable, caption or None). The caption, the .txt member's text or
+        the .json member's "caption", is kept in NNNNN.jsonl and never read by training."""
         key = sample["__key__"]
         caption = None
         if "txt" in sample:
@@ -155,7 +158,7 @@ def encode_shard(cfg, clip, tar, show):
         raise SystemExit(f"error: {tar}: not a readable webdataset tar ({type(e).__name__}: {why}); "
                          f"replace it, or leave it out of --shards")
     skipped = [f"{tar}: {why}" for why in skipped]
-    layout.write_jsonl(path.replace(".safetensors", ".jsonl"), rows)  # before the shard: its presence means done
+    write_jsonl(path.replace(".safetensors", ".jsonl"), rows)  # before the shard: its presence means done
     layout.save_features(path, feats, clip=clip.name, clip_weights=clip.weights, normalized=True,
                          tar=os.path.abspath(tar), source=tar_source(clip, tar), skipped=json.dumps(skipped))
     return len(rows), len(skipped)
@@ -200,9 +203,9 @@ def write_index(cfg, clip, tars):
             rows, why = f.get_slice("features").get_shape()[0], json.loads(f.metadata()["skipped"])
         shards.append(dict(tar=os.path.abspath(tar), features=name, rows=rows, skipped=len(why)))
         skipped += why
-    layout.atomic_write_bytes(os.path.join(cfg.data_dir, "pool", "skipped.txt"), "".join(s + "\n" for s in skipped).encode())
+    atomic_write_bytes(os.path.join(cfg.data_dir, "pool", "skipped.txt"), "".join(s + "\n" for s in skipped).encode())
     n = sum(s["rows"] for s in shards)
-    layout.write_json(os.path.join(cfg.data_dir, "meta.json"),
+    write_json(os.path.join(cfg.data_dir, "meta.json"),
                       dict(dataset="webdataset", shards=cfg.shards, clip=clip.name, clip_weights=clip.weights,
                            features_normalized=True, splits={"pool": n}, skipped={"pool": len(skipped)}, pool=shards))
     for s in skipped[:10]:
@@ -215,7 +218,7 @@ def write_index(cfg, clip, tars):
 def check_folder(cfg, clip):
     """A pool gets a folder of its own, and one CLIP."""
     path = os.path.join(cfg.data_dir, "meta.json")
-    meta = layout.read_json(path) if os.path.exists(path) else {}
+    meta = read_json(path) if os.path.exists(path) else {}
     if meta.get("dataset", "webdataset") != "webdataset":
         raise SystemExit(f"error: {cfg.data_dir} holds a {meta['dataset']} dataset; give the pool a folder of its own "
                          f"(e.g. --data_dir data/cc3m) and pass it to train.py --unlabeled_pool")

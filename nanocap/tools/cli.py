@@ -5,7 +5,9 @@ Every script (data_prep.py, train.py, sample.py) declares `@dataclass class Conf
 `parse_config(Config)` turns each field into a flag (`--stage 1`, `--lr 3e-4`, `--compile true`),
 with the field's default and its `help=` metadata in `-h`. `--config FILE.json` loads a preset
 first; flags given on the command line win over it. Unknown keys in a preset are an error, so
-a typo never silently does nothing.
+a typo never silently does nothing. A renamed flag keeps its old name for one release
+(`renamed={"old": "new"}`): on the command line or in a preset, the old name sets the new field
+and prints a one-line note.
 """
 
 import argparse
@@ -31,8 +33,10 @@ def _is_list(field):
     return getattr(field.type, "__origin__", None) is list or str(field.type).startswith("list")
 
 
-def parse_config(cls, argv=None, description=None):
-    """Build `cls` (a dataclass) from --config FILE.json and --field value flags."""
+def parse_config(cls, argv=None, description=None, renamed=None):
+    """Build `cls` (a dataclass) from --config FILE.json and --field value flags. renamed: {old
+    flag name: new field name}, the old names still accepted."""
+    renamed = renamed or {}
     parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False,  # no --clip for --clip_lr
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="a JSON preset; flags override it")
@@ -46,18 +50,34 @@ def parse_config(cls, argv=None, description=None):
         else:
             kw.update(type=_type_of(f))
         parser.add_argument(f"--{f.name}", **kw)
+        for old in (o for o, name in renamed.items() if name == f.name):  # hidden from -h
+            parser.add_argument(f"--{old}", **{**kw, "dest": f"renamed:{old}", "help": argparse.SUPPRESS})
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values = {}
     preset = args.pop("config", None)
     if preset:
         with open(preset) as fh:
             values = json.load(fh)
+        for old in [k for k in values if k in renamed]:
+            deprecated(old, renamed[old], preset)
+            value = values.pop(old)
+            values.setdefault(renamed[old], value)  # the new name wins if both are given
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             parser.error(f"{preset}: unknown keys {unknown}; valid keys are the flags in -h")
+    for key in [k for k in args if k.startswith("renamed:")]:
+        old = key.removeprefix("renamed:")
+        deprecated(old, renamed[old], "the command line")
+        value = args.pop(key)
+        args.setdefault(renamed[old], value)  # the new name wins if both are given
     values.update(args)  # command-line flags win over the preset
     return cls(**values)
+
+
+def deprecated(old, new, where):
+    """The one line that says an old flag name still works, and what to write instead."""
+    print(f"note: {where}: --{old} is now --{new}; the old name works until the next release", file=sys.stderr)
 
 
 def print_config(config):

@@ -22,7 +22,6 @@ Everything is made here, offline, at the real shape: CLIP ViT-B-32-quickgelu wit
 """
 
 import io
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import save_file
 
+from nanocap.base.files import write_json, write_jsonl
 from nanocap.data import layout, pool
 from nanocap.tools.cli import parse_config, print_config
 from nanocap.tools.training import read_log
@@ -96,9 +96,9 @@ def make_dataset(work, weights, gen):
         os.makedirs(os.path.join(data, split), exist_ok=True)
         layout.save_features(os.path.join(data, split, "features.safetensors"), unit_rows(n, gen),
                              clip="ViT-B-32-quickgelu", clip_weights=weights, normalized=True)
-        layout.write_jsonl(os.path.join(data, split, "captions.jsonl"),
+        write_jsonl(os.path.join(data, split, "captions.jsonl"),
                            [{"image": f"{i}.jpg", "captions": ["a red circle", "a blue square"]} for i in range(n)])
-    layout.write_json(os.path.join(data, "meta.json"), dict(dataset="folder", splits={"train": 2000, "val": 16},
+    write_json(os.path.join(data, "meta.json"), dict(dataset="folder", splits={"train": 2000, "val": 16},
                       clip="ViT-B-32-quickgelu", clip_weights=weights, gpt="none", features_normalized=True))
     return data
 
@@ -113,7 +113,7 @@ def make_pool(folder, rows, weights, gen):
         layout.save_features(os.path.join(folder, name), unit_rows(n, gen), clip="ViT-B-32-quickgelu",
                              clip_weights=weights, normalized=True, tar=f"synthetic-{i}", skipped="[]")
         shards.append(dict(tar=f"synthetic-{i}", features=name, rows=n, skipped=0))
-    layout.write_json(os.path.join(folder, "meta.json"), dict(
+    write_json(os.path.join(folder, "meta.json"), dict(
         dataset="webdataset", shards="synthetic", clip="ViT-B-32-quickgelu", clip_weights=weights,
         features_normalized=True, splits={"pool": rows}, skipped={"pool": 0}, pool=shards))
 
@@ -144,7 +144,7 @@ def bench_memory(cfg, work, weights, gen):
             draw_ms = (time.time() - t)  # 1000 draws: the total in s is the mean in ms
         wall, rss, anon, _ = run(py + ["--stage", "2", "--out_dir", out_dir, "--init_from",
                                        os.path.join(work, "stage1", "stage1.pt"), "--stage2_iters", str(cfg.steps),
-                                       "--stage2_batch_size", "16", "--samples_per_image", "2",
+                                       "--stage2_batch_size", "16", "--stage2_samples", "2",
                                        "--max_new_tokens", "16"] + (["--unlabeled_pool", pool_dir] if size else []))
         rows.append(dict(pool_rows=size, pool_gb=round(size * 512 * 2 / 1e9, 2), peak_rss_mb=round(rss),
                          peak_anon_mb=round(anon), steps_per_s=round(steps_per_s(out_dir, cfg.steps), 3),
@@ -195,16 +195,16 @@ def main(cfg):
     result = dict(config=asdict(cfg), cpu_cores=os.cpu_count(), torch=torch.__version__,
                   memory=bench_memory(cfg, work, weights, gen),
                   extract=bench_extract(cfg, work, weights) if cfg.extract_images else [])
-    layout.write_json(cfg.out, result)
-    print(f"\n| pool rows | pool on disk | peak RSS | peak anonymous | stage-2 steps/s | a draw of 16 rows |"
-          f"\n|---|---|---|---|---|---|")
+    write_json(cfg.out, result)
+    print("\n| pool rows | pool on disk | peak RSS | peak anonymous | stage-2 steps/s | a draw of 16 rows |"
+          "\n|---|---|---|---|---|---|")
     for r in result["memory"]:
         draw = f"{r['draw_16_ms']} ms" if r["draw_16_ms"] else "–"
         print(f"| {r['pool_rows']:,} | {r['pool_gb']} GB | {r['peak_rss_mb']:,} MB | {r['peak_anon_mb']:,} MB "
               f"| {r['steps_per_s']} | {draw} |")
     if result["extract"]:
-        print(f"\n| ranks | threads each | images | command wall | images/s, whole command | images/s, tars only |"
-              f"\n|---|---|---|---|---|---|")
+        print("\n| ranks | threads each | images | command wall | images/s, whole command | images/s, tars only |"
+              "\n|---|---|---|---|---|---|")
         for r in result["extract"]:
             print(f"| {r['ranks']} | {r['threads_per_rank']} | {r['images']} | {r['wall_s']} s | {r['images_per_s']} "
                   f"| {r['encoding_images_per_s']} |")

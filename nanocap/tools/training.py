@@ -1,113 +1,92 @@
 """
-Small helpers that training needs and that would only clutter train.py: the device (and the DDP
-process group), one rank's failure stopping every rank (together), every rank's random streams
-for an exact resume (rng_states, set_rng_states), the AdamW parameter groups (one weight-decay
-rule for the captioner and the toy CLIPs and GPT), the learning-rate schedule, and the training
-log with its plot.
+What train.py does around its loop, kept out of it so that the loop reads straight through:
+which file holds a stage's checkpoint and its last state, resuming from it (--resume) with every
+rank's random streams (rng_states, set_rng_states), the one line that stops a run gone NaN, and
+the training log (log.jsonl) with its plot. `cfg` is train.py's Config and `stage` its Stage.
+The device, DDP and optimizer helpers are on the ground floor (nanocap/base): the data worlds
+use them too.
 """
 
 import json
-import math
 import os
-import traceback
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from nanocap.data.layout import write_jsonl
-
-
-def pick_device(name="auto", local_rank=None):
-    """auto: CUDA if present, else Apple MPS, else CPU. Under DDP on CUDA, the process's own GPU.
-    A device nanocap does not run on, or one this torch does not see, is one line."""
-    available = {"cuda": torch.cuda.is_available(),  # in auto's order of preference
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-                 "cpu": True}
-    if name == "auto":
-        name = next(kind for kind, present in available.items() if present)
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in available:
-        raise SystemExit(f"error: --device {name} is not a device nanocap runs on; use auto, cpu, cuda, cuda:N or mps")
-    if not available[device.type]:
-        raise SystemExit(f"error: --device {name}, but this torch sees no {device.type.upper()} device; use "
-                         f"--device auto or cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+from nanocap.base.files import write_jsonl
+from nanocap.captioner import checkpoint_step, read_checkpoint
+from nanocap.tools.checks import check_checkpoint, check_pools, check_reference
 
 
-@dataclass
-class System:
-    """Where this process runs: one process, or one rank of DDP under torchrun."""
-    ddp: bool
-    rank: int
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+# -----------------------------------------------------------------------------
+# checkpoints and resuming
 
 
-def setup_system(device="auto", dtype="auto"):
-    """The System of this process: under torchrun (RANK set) it joins the DDP process group, nccl
-    on CUDA, gloo on CPU. dtype auto: bfloat16 autocast on CUDA, float32 elsewhere."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ["RANK"]) if ddp else 0
-    device = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)) if ddp else None)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    return System(ddp, rank, device, dtype)
+def checkpoint_files(cfg, stage):
+    """(path, last): the stage's checkpoint and the file its last state goes to. Stage 1 with
+    --keep_best keeps its lowest val loss in stage1.pt and its last state in stage1.last.pt;
+    otherwise both are stage<N>.pt."""
+    path = os.path.join(cfg.out_dir, f"stage{stage.n}.pt")
+    return path, os.path.join(cfg.out_dir, f"stage{stage.n}.last.pt") if cfg.keep_best and stage.best_by else path
 
 
-def agree(error):
-    """Every rank calls this at the same point with its error message, or None. If any rank failed,
-    every rank stops: rank 0 prints the first failure as one line, naming its rank, and all exit
-    with status 1; a rank that exits alone would leave the others waiting on their next collective
-    until it times out. One all_reduce when all is well; the messages are gathered only on failure."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
-    dist.all_reduce(failed)  # the number of ranks that failed
-    if failed.item() == 0:
+def last_state_file(cfg, stage):
+    """The stage's last state, whatever --keep_best was when it was written: of stage<N>.pt and
+    stage<N>.last.pt (a --keep_best run's, whose stage<N>.pt is its best), the one of the later step."""
+    path, last = (os.path.join(cfg.out_dir, f"stage{stage.n}{s}.pt") for s in ("", ".last"))
+    if not os.path.isfile(last) or os.path.isfile(path) and checkpoint_step(path) > checkpoint_step(last):
+        return path
+    return last
+
+
+def not_finite(cfg, stage, what, value, step):
+    """The one line that stops a run whose `what` (the loss, a val figure) became `value` (NaN, inf),
+    naming the checkpoint to resume from."""
+    path = last_state_file(cfg, stage)
+    return SystemExit(f"error: the {what} became {value} at step {step}; the last good checkpoint is "
+                      f"{path if os.path.isfile(path) else 'none yet'}. Lower {stage.lr_flag} and resume with --resume")
+
+
+def finish_stage(cfg, stage, best, system):
+    """Rank 0 plots the stage's curves and says what it saved."""
+    if not system.master:
         return
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    rank = dist.get_rank()
-    dist.destroy_process_group()
-    first, why = next((r, e) for r, e in enumerate(errors) if e is not None)
-    why = why.removeprefix("error: ")
-    raise SystemExit(f"error: rank {first} of {len(errors)}: {why}" if rank == 0 else 1)
+    plot_log(cfg.out_dir, stage.n)
+    path, last_path = checkpoint_files(cfg, stage)
+    kept = f" (step {best['step']}, the lowest val loss; the last state is {last_path})" if last_path != path else ""
+    print(f"saved {path}{kept} and {os.path.join(cfg.out_dir, f'stage{stage.n}.png')}")
 
 
-def together(ddp, fn, *args, **kwargs):
-    """fn(*args, **kwargs) on every rank, stopping every rank if it fails on any (agree). A one-line
-    error (SystemExit) travels as it is; another exception, a bug, also prints its traceback on the
-    rank where it happened. Without DDP, fn runs as it is."""
-    if not ddp:
-        return fn(*args, **kwargs)
-    result, error = None, None
+def resume_from(cfg, stage, info, model, optimizer, gen, system):
+    """With --resume, load the stage's last state into model, optimizer and this rank's random
+    streams, and return (its step, the best val loss so far) (step 0: start afresh). With both
+    stages (no --stage), a stage without a checkpoint starts afresh."""
+    best = {"val_loss": float("inf"), "step": 0}
+    path = last_state_file(cfg, stage)
+    if not cfg.resume or (cfg.stage == 0 and not os.path.isfile(path)):
+        if system.master:
+            restart_log(cfg.out_dir, stage.n)
+        return 0, best
     try:
-        result = fn(*args, **kwargs)
-    except SystemExit as e:
-        error = str(e.code) if e.code not in (None, 0) else None
-    except Exception as e:
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
-    agree(error)
-    return result
+        ckpt = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    check_checkpoint(cfg, path, ckpt, info["clip"], model)
+    check_pools(path, ckpt, info["pools"])
+    check_reference(path, ckpt, info)
+    if ckpt["step"] > stage.iters:
+        raise SystemExit(f"error: {path} is at step {ckpt['step']}, past {stage.iters_flag} {stage.iters}; resume "
+                         f"with at least {ckpt['step']} steps, or start afresh in a new --out_dir")
+    model.load_state_dict(ckpt["model"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_states(ckpt, path, system, gen, cfg.seed)  # after CLIP's construction, which draws from torch's
+    if system.master:
+        restart_log(cfg.out_dir, stage.n, ckpt["step"])  # the records of steps after it, from the run it stopped
+        print(f"resuming stage {stage.n} from {path}, step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("best", best)
+
+# -----------------------------------------------------------------------------
+# random streams
 
 
 def rng_states(system, gen):
@@ -143,36 +122,6 @@ def set_rng_states(ckpt, path, system, gen, seed):
     if world > 1 and system.master:
         print(f"note: {path} holds rank 0's random stream only; ranks 1 to {world - 1} start theirs from --seed "
               f"again, so this run departs from what an uninterrupted one would have drawn")
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups over the trainable parameters: weight decay on weight matrices and conv
-    kernels; none on biases, norms, gains, embedding tables (token, position, class) or
-    logit_scale. Embeddings are not decayed (CLIP's and minGPT's rule): a rare token's row gets
-    few gradients, and decay would pull it to zero between them. The one rule for every model."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or id(p) in tables or "embedding" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model, lr, weight_decay):
-    """AdamW on the trainable parameters, grouped by param_groups."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98))
-
-
-def lr_at(step, total, peak, warmup, floor=0.1):
-    """Linear warmup to `peak`, then cosine decay to floor * peak at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def log_jsonl(out_dir, record):

@@ -53,6 +53,9 @@ MUTANTS = [
      "loss = rl + kl_weight * kl", "loss = rl + 0.1 * kl"),
     ("train.py drops --kl_weight", "train.py",
      "kl_weight=cfg.kl_weight", "kl_weight=0.1"),
+    ("the scaffold's baseline dropped (both objectives)", "nanocap/losses.py",
+     "return Rollout(out, texts, reward, baseline(reward, k, baseline_kind, greedy_reward))",
+     "return Rollout(out, texts, reward, torch.zeros_like(reward))"),
     ("train.py drops --contrastive_weight", "train.py",
      "contrastive_weight=cfg.contrastive_weight", "contrastive_weight=0.01"),
 ]

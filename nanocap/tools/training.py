@@ -123,6 +123,9 @@ def set_rng_states(ckpt, path, system, gen, seed):
         print(f"note: {path} holds rank 0's random stream only; ranks 1 to {world - 1} start theirs from --seed "
               f"again, so this run departs from what an uninterrupted one would have drawn")
 
+# -----------------------------------------------------------------------------
+# the training log
+
 
 def log_jsonl(out_dir, record):
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:

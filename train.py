@@ -8,8 +8,8 @@ Stage 2, unlabeled images (their captions are never read), from the stage-1 chec
     π_ref is the stage-1 policy, frozen; the images: the train split's unlabeled ones, plus any
     --unlabeled_pool (nanocap/data/pool.py)
 The objectives live in nanocap/losses.py. This file reads top to bottom: the config, the two
-stages (one record each: all that differs between them), the data, the models, the loop, and
-its evaluation and checkpoints.
+stages (one record each: what the loop needs to know of a stage), the data, the models, the
+loop, and its evaluation and checkpoints.
 Two CLIPs have two parts: --clip's image features feed the mapper, and --reward_clip scores the
 sampled captions (stage 1's contrastive reward, stage 2's CLIP-S); by default one CLIP does both.
 
@@ -121,7 +121,7 @@ RENAMED = {"contrastive_temperature": "contrastive_tau", "contrastive_samples": 
            "samples_per_image": "stage2_samples", "reward_weight": "clip_s_scale"}
 
 # -----------------------------------------------------------------------------
-# the two stages: what differs between them, as one record each
+# the two stages, one record each: what the loop needs to know of a stage
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Stage:
     iters_flag: str  # the flags that set iters and lr, for the messages that name them
     lr_flag: str
     labeled: bool  # learns from the labeled images and their captions, or from the unlabeled ones
-    best_by: str  # with --keep_best, stage<n>.pt is the state of this val figure's lowest ("": the last state)
+    tracks_best: bool  # follows its lowest val loss (stage1.pt, with --keep_best); stage 2 keeps its last state
     objective: Callable  # (cfg, run, features, scored_by, autocast) -> (loss, stats)
     validate: Callable  # (cfg, run, val features (N, D), system) -> {val figure: value}
 
@@ -144,9 +144,9 @@ def stages(cfg):
     """The stages to run, in order: --stage 1, --stage 2, or both (0). Stage 2 keeps its last state:
     its val figure is its own reward, and choosing a checkpoint by it would favour reward hacking."""
     one = Stage(1, cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.batch_size, "--max_iters", "--lr", labeled=True,
-                best_by="val_loss", objective=contrastive_objective, validate=val_loss)
+                tracks_best=True, objective=contrastive_objective, validate=val_loss)
     two = Stage(2, cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters, cfg.stage2_batch_size, "--stage2_iters",
-                "--stage2_lr", labeled=False, best_by="", objective=clip_reward_objective, validate=val_reward)
+                "--stage2_lr", labeled=False, tracks_best=False, objective=clip_reward_objective, validate=val_reward)
     return {0: [one, two], 1: [one], 2: [two]}[cfg.stage]
 
 
@@ -188,7 +188,7 @@ class Data:
 
 
 def load_data(cfg, stage):
-    """The stage's Data. Stage 1 trains on a layout.Captioned set (features, one caption each);
+    """The stage's Data. Stage 1 trains on a layout.Captioned set (features, each image's captions);
     stage 2 on a layout.Unlabeled set, which holds no captions at all, only the features and the
     reward CLIP's features (with --unlabeled_pool: a pool.UnlabeledPool, read memory-mapped)."""
     if not os.path.isfile(os.path.join(cfg.data_dir, "meta.json")):
@@ -431,9 +431,9 @@ def evaluate_and_save(cfg, stage, run, step, rngs, system):
             raise not_finite(cfg, stage, k, v, step)
     if step == 0 and stage.iters > 0:
         return best
-    improved = bool(stage.best_by) and result[stage.best_by] < best["val_loss"]
+    improved = stage.tracks_best and result["val_loss"] < best["val_loss"]
     if improved:
-        best = {"val_loss": result[stage.best_by], "step": step}
+        best = {"val_loss": result["val_loss"], "step": step}
     save_checkpoint(last_path, run.model, **run.info, step=step, optimizer=run.optimizer.state_dict(), best=best,
                     **rngs)
     if last_path != path and improved:  # the best is a copy of the last, taken when it was the best

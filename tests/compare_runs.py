@@ -4,7 +4,7 @@ Two training runs, bit for bit: the check that a refactor changed nothing.
 Train the same command with the old code and the new, one thread each (the thread count changes
 the order of float sums), into two out_dirs, then compare them:
 
-    git worktree add /tmp/old HEAD~1
+    git worktree add /tmp/old <the commit before the change>
     (cd /tmp/old && OMP_NUM_THREADS=1 python train.py --seed 1337 --out_dir /tmp/run_old)
     OMP_NUM_THREADS=1 python train.py --seed 1337 --out_dir /tmp/run_new
     python tests/compare_runs.py /tmp/run_old /tmp/run_new

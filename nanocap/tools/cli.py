@@ -13,6 +13,7 @@ and prints a one-line note.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -76,8 +77,10 @@ def parse_config(cls, argv=None, description=None, renamed=None):
 
 
 def deprecated(old, new, where):
-    """The one line that says an old flag name still works, and what to write instead."""
-    print(f"note: {where}: --{old} is now --{new}; the old name works until the next release", file=sys.stderr)
+    """The one line that says an old flag name still works, and what to write instead (once under
+    torchrun: rank 0's)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {where}: --{old} is now --{new}; the old name works until the next release", file=sys.stderr)
 
 
 def print_config(config):

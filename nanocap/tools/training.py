@@ -2,7 +2,8 @@
 What train.py does around its loop, kept out of it so that the loop reads straight through:
 which file holds a stage's checkpoint and its last state, resuming from it (--resume) with every
 rank's random streams (rng_states, set_rng_states), the one line that stops a run gone NaN, and
-the training log (log.jsonl) with its plot. `cfg` is train.py's Config and `stage` its Stage.
+the training log (log.jsonl) with its plot. `cfg` is train.py's Config and `stage` its Stage
+(the log's functions take the stage's number).
 The device, DDP and optimizer helpers are on the ground floor (nanocap/base): the data worlds
 use them too.
 """
@@ -27,7 +28,7 @@ def checkpoint_files(cfg, stage):
     --keep_best keeps its lowest val loss in stage1.pt and its last state in stage1.last.pt;
     otherwise both are stage<N>.pt."""
     path = os.path.join(cfg.out_dir, f"stage{stage.n}.pt")
-    return path, os.path.join(cfg.out_dir, f"stage{stage.n}.last.pt") if cfg.keep_best and stage.best_by else path
+    return path, os.path.join(cfg.out_dir, f"stage{stage.n}.last.pt") if cfg.keep_best and stage.tracks_best else path
 
 
 def last_state_file(cfg, stage):

@@ -31,7 +31,7 @@ PRETRAIN_DTYPE ?= float32
 SMALL_WORLD := HF_HUB_OFFLINE=1 $(PY) data_prep.py --config configs/shapes_small_data.json --pretrain_dtype $(PRETRAIN_DTYPE)
 PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q --pretrain-dtype $(PRETRAIN_DTYPE)
 
-NOTEBOOK_RUNS := out/shapes_small out/shapes_small_clipcap out/shapes_small_hack
+NOTEBOOK_RUNS := out/shapes_small out/shapes_small_*   # every run the notebooks train (nanocap/tools/notebook.py)
 
 test: install
 	rm -rf $(NOTEBOOK_RUNS)   # the notebooks' runs are made afresh, never taken from an older world or code

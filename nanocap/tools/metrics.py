@@ -24,10 +24,12 @@ PTB tokenizer are Java programs; without `java` on PATH they are skipped (the to
 replaced by simple_tokenize) with one line on stderr, and the rest is still computed.
 """
 
+import contextlib
 import os
 import re
 import shutil
 import sys
+import tempfile
 
 import pycocoevalcap.spice
 import torch
@@ -73,7 +75,29 @@ def _tokenize(captions: dict) -> dict:
     captions = {k: [" ".join(c.split()) for c in v] for k, v in captions.items()}
     if not java_available():
         return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    with _java_stderr_held():
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+
+
+@contextlib.contextmanager
+def _java_stderr_held():
+    # PTBTokenizer's Java child writes "PTBTokenizer tokenized N tokens at ..." to the process's
+    # stderr (file descriptor 2, which a notebook shows on its page). Hold it in a temporary file;
+    # pass it on only if the tokenizer fails, so that its error is still read.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def coco_scores(candidates: dict, references: dict, spice: bool = False) -> dict:

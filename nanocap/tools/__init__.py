@@ -5,4 +5,5 @@
     training.py  around train.py's loop: checkpoint files, --resume, random streams, the log and its plot
     metrics.py   BLEU, METEOR, ROUGE-L, CIDEr, SPICE, CLIP-S, RefCLIP-S, retrieval, attributes
     report.py    score files as one table (mean ± std over seeds), the claims by seed, image grids
+    notebook.py  the notebooks' setup: their small world and their runs, made by the README's commands
 """

@@ -51,7 +51,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
 
 # Re-execute every notebook in place, outputs and figures saved (commit them: they are read on GitHub).
-# The first one makes the small shapes world (about 2 minutes); the whole series takes about 5 minutes.
+# The small shapes world is made first when missing; the README (Tutorial) gives the times measured here.
 notebooks: install
 	rm -rf $(NOTEBOOK_RUNS)
 	test -f data/shapes_small/meta.json || $(SMALL_WORLD)

@@ -415,7 +415,7 @@ def val_reward(cfg, run, features, system):
 
 
 def evaluate_and_save(cfg, stage, run, step, rngs, system):
-    """Rank 0 validates, then checkpoints the last state (with --keep_best, stage 1 also copies it to
+    """Rank 0 validates, then checkpoints the last state (with --keep_best, stage 1 also keeps it in
     stage1.pt while its val loss is the lowest so far); other ranks do nothing. Step 0, the initial
     state, is saved only when the stage has no steps. Returns the best {"val_loss", "step"} so far."""
     best = run.best
@@ -434,10 +434,14 @@ def evaluate_and_save(cfg, stage, run, step, rngs, system):
     improved = stage.tracks_best and result["val_loss"] < best["val_loss"]
     if improved:
         best = {"val_loss": result["val_loss"], "step": step}
-    save_checkpoint(last_path, run.model, **run.info, step=step, optimizer=run.optimizer.state_dict(), best=best,
-                    **rngs)
-    if last_path != path and improved:  # the best is a copy of the last, taken when it was the best
-        atomic_write(path, lambda tmp: shutil.copyfile(last_path, tmp))
+    # A new best goes to stage1.pt first, then is copied to the last state: a kill between the two leaves
+    # stage1.pt the later file, and --resume continues from it (last_state_file takes the later step). The
+    # other order could leave a last state naming a best that stage1.pt never received.
+    first = path if improved else last_path
+    save_checkpoint(first, run.model, **run.info, step=step, optimizer=run.optimizer.state_dict(), best=best, **rngs)
+    if first != last_path:
+        atomic_write(last_path, lambda tmp: shutil.copyfile(first, tmp))
+    if last_path != path and improved:
         print(f"val_loss {best['val_loss']:.4f} is the lowest so far: {path} is step {step}")
     elif last_path != path:
         print(f"val_loss did not improve on {best['val_loss']:.4f} (step {best['step']}): {path} kept")

@@ -14,13 +14,14 @@ import torch
 import sample
 import train
 from nanocap import losses
-from nanocap.base.files import read_json, write_json
+from nanocap.base.files import atomic_write, read_json, write_json
 from nanocap.base.system import System
 from nanocap.captioner import load_captioner, read_checkpoint, state_digest
 from nanocap.clip_encoder import CLIPEncoder
 from nanocap.data import layout
 from nanocap.tokenizer import caption_batch, get_tokenizer
 from nanocap.tools.cli import parse_config
+from nanocap.tools.training import read_log
 
 from tests.helpers import cli_start
 
@@ -160,6 +161,40 @@ def same_weights(path_a, path_b):
     (ma, ca), (mb, cb) = load_captioner(path_a), load_captioner(path_b)
     assert ca["step"] == cb["step"]
     return all(torch.equal(va, vb) for va, vb in zip(ma.state_dict().values(), mb.state_dict().values()))
+
+
+class Killed(BaseException):
+    """The process dying, as train.py sees it: nothing catches it."""
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_best_and_the_last_state_resumes_to_the_same_run(tmp_path, tiny_shapes, monkeypatch):
+    # A new best is two writes (the best, then the last state). Die between them at the run's last new best,
+    # then --resume: the run must end where an uninterrupted one ends, its best included. (A last state
+    # written first would name a best that stage1.pt never received, and --resume would keep that stage1.pt.)
+    args = ["--stage", "1", "--data_dir", tiny_shapes, "--max_iters", "4", "--eval_interval", "2",
+            "--log_interval", "1", "--batch_size", "4", "--contrastive_weight", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(parse_config(train.Config, ["--out_dir", str(a), *args]))
+    lowest, new_bests = float("inf"), 0
+    for r in read_log(a):
+        if r["stage"] == 1 and r["iter"] > 0 and r.get("val_loss", lowest) < lowest:
+            lowest, new_bests = r["val_loss"], new_bests + 1
+    calls = []
+
+    def dies(path, write):   # train.py's only atomic_write: the second write of a new best
+        calls.append(path)
+        if len(calls) == new_bests:
+            raise Killed(path)
+        return atomic_write(path, write)
+    monkeypatch.setattr(train, "atomic_write", dies)
+    with pytest.raises(Killed):
+        train.main(parse_config(train.Config, ["--out_dir", str(b), *args]))
+    monkeypatch.undo()
+    train.main(parse_config(train.Config, ["--out_dir", str(b), "--resume", *args]))
+    assert same_weights(a / "stage1.last.pt", b / "stage1.last.pt")
+    assert same_weights(a / "stage1.pt", b / "stage1.pt")
+    assert read_checkpoint(a / "stage1.pt")["best"] == read_checkpoint(b / "stage1.pt")["best"]
 
 
 @pytest.mark.slow

@@ -106,6 +106,9 @@ class Config:
     stage2_samples: int = field(default=5, metadata={"help": "stage 2: K captions sampled per image"})
     clip_s_scale: float = field(default=2.5, metadata={"help": "w, CLIP-S's scale: CLIP-S = w·max(cos, 0)"})
     kl_weight: float = field(default=0.1, metadata={"help": "β of the per-token KL to π_ref, the stage-1 policy"})
+    stage2_objective: str = field(default="clip_reward", metadata={"help": "clip_reward (the paper: REINFORCE on "
+                                  "CLIP-S + β·KL) or self_training (CE on π_ref's captions that CLIP-S scores best)"})
+    keep_fraction: float = field(default=0.5, metadata={"help": "self_training: the share of the B·K captions kept"})
     clip_prompt: str = field(default=losses.CLIP_PROMPT, metadata={"help": "text put before a caption for CLIP-S"})
     # watching
     eval_interval: int = field(default=200, metadata={"help": "validate, print 8 val captions, checkpoint"})
@@ -146,7 +149,9 @@ def stages(cfg):
     one = Stage(1, cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.batch_size, "--max_iters", "--lr", labeled=True,
                 tracks_best=True, objective=contrastive_objective, validate=val_loss)
     two = Stage(2, cfg.stage2_iters, cfg.stage2_lr, cfg.stage2_warmup_iters, cfg.stage2_batch_size, "--stage2_iters",
-                "--stage2_lr", labeled=False, tracks_best=False, objective=clip_reward_objective, validate=val_reward)
+                "--stage2_lr", labeled=False, tracks_best=False, validate=val_reward,
+                objective={"clip_reward": clip_reward_objective, "self_training": self_training_objective}[
+                    cfg.stage2_objective])
     return {0: [one, two], 1: [one], 2: [two]}[cfg.stage]
 
 
@@ -163,6 +168,14 @@ def clip_reward_objective(cfg, run, features, reward_features, autocast):
     return losses.stage2_loss(run.model, run.reference, features, run.reward_clip, run.tok, k=cfg.stage2_samples,
                               w=cfg.clip_s_scale, kl_weight=cfg.kl_weight, prompt=cfg.clip_prompt,
                               reward_features=reward_features, **sampling(cfg, run, autocast))
+
+
+def self_training_objective(cfg, run, features, reward_features, autocast):
+    """Stage 2's baseline (not the paper's): CE on the captions of π_ref that CLIP-S scores best."""
+    return losses.self_training_loss(run.model, run.reference, features, run.reward_clip, run.tok,
+                                     k=cfg.stage2_samples, keep_fraction=cfg.keep_fraction, w=cfg.clip_s_scale,
+                                     prompt=cfg.clip_prompt, reward_features=reward_features,
+                                     **sampling(cfg, run, autocast))
 
 
 def sampling(cfg, run, autocast):

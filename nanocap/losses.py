@@ -18,12 +18,16 @@ Stage 2, unlabeled images (stage2_loss):
     as in Cho et al. 2022 ("Fine-grained Image Captioning with CLIP Reward", arXiv 2205.13115):
     CLIP-S is Hessel et al. 2021 (arXiv 2104.08718), and the per-token KL to π_ref, the frozen
     stage-1 policy, keeps the captions fluent.
+Stage 2's baseline, self-training (self_training_loss, --stage2_objective self_training):
+    L = CE(kept captions | prefix): π_ref samples K captions per image, CLIP-S keeps the best share
+    (--keep_fraction), and the policy learns them as if they were labels. Not in the paper.
 
 Symbols and flags (train.py): K --stage1_samples / --stage2_samples, T --temperature,
 λ --contrastive_weight, τ --contrastive_tau, w --clip_s_scale, β --kl_weight.
 All embeddings are L2-normalized (CLIPEncoder returns them so).
 """
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -303,3 +307,37 @@ def stage2_loss(model, reference, features, clip, tok, *, k=5, w=2.5, kl_weight=
     return loss, {"loss": loss.item(), "reward": r.reward.mean().item(), "reward_std": r.reward.std().item(),
                   "baseline": r.baseline.mean().item(), "kl": kl.item(),
                   "gen_len": r.out.lengths().float().mean().item(), "repetition": repetition_rate(r.texts)}
+
+
+def self_training_loss(model, teacher, features, clip, tok, *, k=5, keep_fraction=0.5, w=2.5, baseline_kind="mean",
+                       prompt=CLIP_PROMPT, temperature=1.0, max_new_tokens=40, generator=None, forward=None,
+                       autocast=None, reward_features=None):
+    """
+    Self-training on B unlabeled images, the simplest semi-supervised baseline (pseudo-labels, Lee
+    2013; noisy student, Xie et al. 2020, arXiv 1911.04252), with the same images, reward CLIP and
+    samples as stage2_loss:
+        y_ik ~ π_ref(· | image_i),   r_ik = CLIP-S(image_i, y_ik),   L = CE(the kept y | prefix)
+    kept: the top ⌈keep_fraction · B·K⌉ of the batch's B·K captions by CLIP-S. The teacher is the frozen
+    stage-1 model, π_ref: its pseudo-labels cannot drift with the policy's own mistakes, and only the
+    signal differs from stage 2's (CLIP-S picks captions here, instead of weighting them). Returns
+    (loss, stats).
+    """
+    forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
+    autocast = nullcontext() if autocast is None else autocast
+    reward_features = features if reward_features is None else reward_features  # (B, D_r)
+    r = rollout(teacher, features, tok,
+                lambda texts, k: clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, w, prompt),
+                k=k, baseline_kind=baseline_kind, temperature=temperature, max_new_tokens=max_new_tokens,
+                generator=generator)
+    n_keep = max(1, math.ceil(keep_fraction * r.reward.numel()))
+    kept = r.reward.topk(n_keep).indices  # (n_keep,) the captions CLIP-S scores best
+    tokens, mask = r.out.tokens[kept], r.out.mask[kept]  # (n_keep, T)
+    P = model.prefix_len
+    with autocast:
+        logits = forward(features.repeat_interleave(k, dim=0)[kept], tokens[:, :-1])[:, P - 1:]  # (n_keep, T, V)
+    logprobs = token_logprobs(logits, tokens)  # (n_keep, T), the policy at temperature 1
+    ce = -logprobs.masked_fill(~mask.bool(), 0.0).sum() / mask.bool().sum().clamp(min=1)
+    return ce, {"loss": ce.item(), "ce": ce.item(), "reward": r.reward.mean().item(),
+                "kept_reward": r.reward[kept].mean().item(), "gen_len": r.out.lengths().float().mean().item(),
+                "repetition": repetition_rate([r.texts[i] for i in kept.tolist()])}
+

@@ -65,6 +65,50 @@ def test_rollout_scores_k_samples_per_image_and_the_greedy_baseline_one_caption_
     assert torch.equal(self_critical.out.tokens, mean.out.tokens)
 
 
+class HashClip:
+    """A stand-in reward CLIP: each text a fixed random unit vector of positive entries, so that CLIP-S
+    (of positive image vectors) is never clipped at 0 and has no ties."""
+    def encode_text(self, texts):
+        seeds = [sum((i + 1) * ord(c) for i, c in enumerate(t)) for t in texts]
+        return torch.stack([F.normalize(torch.rand(6, generator=torch.Generator().manual_seed(s)), dim=0)
+                            for s in seeds])
+
+
+def test_self_training_is_cross_entropy_on_the_teachers_captions_that_clip_s_scores_best():
+    """losses.self_training_loss: the frozen teacher samples K captions per image, CLIP-S keeps the top
+    share of the B*K, and the loss is the policy's cross-entropy on exactly those; the teacher gets no
+    gradient, and the policy does not change what is sampled."""
+    torch.manual_seed(0)
+    policy, teacher, B, K, keep = small_captioner(), small_captioner().eval().requires_grad_(False), 3, 4, 0.5
+    tok = SimpleNamespace(eos_id=0, decode=lambda ids: " ".join(map(str, ids)))
+    feats = torch.randn(B, 8, generator=torch.Generator().manual_seed(0))
+    image = F.normalize(torch.rand(B, 6, generator=torch.Generator().manual_seed(2)), dim=-1)  # the reward CLIP's
+    clip = HashClip()
+    loss, stats = losses.self_training_loss(policy, teacher, feats, clip, tok, k=K, keep_fraction=keep,
+                                            reward_features=image, max_new_tokens=5,
+                                            generator=torch.Generator().manual_seed(1))
+    # by hand: the teacher's samples, their CLIP-S, the best half, the policy's CE on them
+    r = losses.rollout(teacher, feats, tok, lambda texts, k: losses.clip_reward(clip, image.repeat_interleave(k, 0), texts),
+                       k=K, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    order = r.reward.argsort(descending=True)
+    kept, dropped = order[: B * K // 2], order[B * K // 2:]
+    assert r.reward[kept].min() > r.reward[dropped].max()        # the kept share is the top by CLIP-S
+    tokens, mask = r.out.tokens[kept], r.out.mask[kept]
+    logits = policy(feats.repeat_interleave(K, 0)[kept], tokens[:, :-1])[:, policy.prefix_len - 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens.masked_fill(~mask, -100).reshape(-1),
+                         ignore_index=-100)
+    assert torch.allclose(loss, ce, atol=1e-6)
+    assert stats["kept_reward"] == pytest.approx(r.reward[kept].mean().item())
+    assert stats["reward"] == pytest.approx(r.reward.mean().item())
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters()) and any(p.grad is not None for p in policy.parameters())
+    other = small_captioner()                                    # another policy: the same samples, the same kept
+    _, stats2 = losses.self_training_loss(other, teacher, feats, clip, tok, k=K, keep_fraction=keep,
+                                          reward_features=image, max_new_tokens=5,
+                                          generator=torch.Generator().manual_seed(1))
+    assert stats2["kept_reward"] == stats["kept_reward"]
+
+
 def test_weight_decay_on_matrices_only_never_on_embeddings_norms_or_biases():
     model = small_captioner()
     groups = param_groups(model, 0.1)

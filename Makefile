@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast mutants demo results results-small results-small-world results-small-report results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table notebooks clean
+.PHONY: install test test-fast mutants demo results results-small results-small-world results-small-report results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table results-self-seed results-self-table notebooks clean
 
 install: $(VENV)/.installed
 
@@ -146,6 +146,28 @@ results-small-report: install
 	$(PY) sample.py --changes $(foreach dt,$(SMALL_DTYPES),results/small$(TAG)_$(dt))
 	$(PY) sample.py --curves $(foreach dt,$(SMALL_DTYPES),$(foreach s,$(SEEDS),out/small$(TAG)/$(dt)/seed$(s))) \
 	    --grid assets/small$(TAG)_stage2.png
+
+# Row (f) of #27, stage 2 by self-training (--stage2_objective self_training), beside rows (a) and (b), paired
+# by seed, in a float32 world (the same world on every CPU). One seed: stage 1 and stage 2 as in (a) and (b),
+# then stage 2 by self-training from the same stage-1 checkpoint, then the three scored. The world is made once.
+#   make results-self-seed SEED=1337 & make results-self-seed SEED=1338 & make results-self-seed SEED=1339 & wait
+#   make results-self-table
+SELF_WORLD ?= data/shapes_float32
+SELF = out/self/seed$(SEED)
+results-self-seed: install
+	test -f $(SELF_WORLD)/meta.json || HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) data_prep.py --pretrain_dtype float32 \
+	    --data_dir $(SELF_WORLD)
+	$(TRAIN) --seed $(SEED) --data_dir $(SELF_WORLD) --out_dir $(SELF)/ab
+	$(TRAIN) --stage 2 --stage2_objective self_training --seed $(SEED) --data_dir $(SELF_WORLD) \
+	    --init_from $(SELF)/ab/stage1.pt --out_dir $(SELF)/f
+	$(EVAL) --ckpt $(SELF)/ab/stage1.pt --out_json results/self_a.seed$(SEED).json
+	$(EVAL) --ckpt $(SELF)/ab/stage2.pt --out_json results/self_b.seed$(SEED).json
+	$(EVAL) --ckpt $(SELF)/f/stage2.pt --out_json results/self_f.seed$(SEED).json
+
+results-self-table: install
+	$(PY) sample.py --table results/self_a.seed*.json results/self_b.seed*.json results/self_f.seed*.json
+	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 6 --grid assets/self_training.png --ckpts \
+	    out/self/seed1337/ab/stage1.pt out/self/seed1337/ab/stage2.pt out/self/seed1337/f/stage2.pt
 
 results-table: install
 	$(EVAL) --references --ckpt out/results/seed1337/shapes/stage1.pt --out_json results/e_references.json

@@ -172,10 +172,11 @@ def clip_reward_objective(cfg, run, features, reward_features, autocast):
 
 def self_training_objective(cfg, run, features, reward_features, autocast):
     """Stage 2's baseline (not the paper's): CE on the captions of π_ref that CLIP-S scores best."""
+    shared = sampling(cfg, run, autocast)
+    del shared["baseline_kind"]  # CLIP-S ranks the captions; nothing is weighted by an advantage
     return losses.self_training_loss(run.model, run.reference, features, run.reward_clip, run.tok,
                                      k=cfg.stage2_samples, keep_fraction=cfg.keep_fraction, w=cfg.clip_s_scale,
-                                     prompt=cfg.clip_prompt, reward_features=reward_features,
-                                     **sampling(cfg, run, autocast))
+                                     prompt=cfg.clip_prompt, reward_features=reward_features, **shared)
 
 
 def sampling(cfg, run, autocast):

@@ -210,7 +210,7 @@ class Rollout:
     out: Generation  # tokens (B*K, T) and mask (B*K, T); the K samples of each image contiguous
     texts: list  # the B*K captions as text
     reward: torch.Tensor  # (B*K,) r
-    baseline: torch.Tensor  # (B*K,) b
+    baseline: torch.Tensor  # (B*K,) b; None when the objective takes none (self-training)
 
 
 @torch.no_grad()
@@ -220,7 +220,8 @@ def rollout(model, features, tok, reward_fn, *, k, baseline_kind="mean", tempera
     Sample K captions per image from the policy, score them, and take the baseline:
         y_ik ~ π(· | image_i) at temperature T,   r_ik = reward_fn(y_ik),   b_ik (leave-one-out mean or greedy)
     features (B, D). reward_fn(texts, k) scores the captions of B images, k contiguous per image,
-    -> (B*k,); the greedy baseline calls it with each image's greedy caption and k = 1.
+    -> (B*k,); the greedy baseline calls it with each image's greedy caption and k = 1;
+    baseline_kind None takes no baseline.
     """
     prefix = model.prefix(features).repeat_interleave(k, dim=0)  # (B*K, P, C)
     out = sample(model.gpt, prefix, max_new_tokens, tok.eos_id, temperature=temperature, generator=generator)
@@ -230,7 +231,19 @@ def rollout(model, features, tok, reward_fn, *, k, baseline_kind="mean", tempera
     if baseline_kind == "greedy":  # self-critical: each image's greedy caption, scored the same way
         g = greedy(model.gpt, model.prefix(features), max_new_tokens, tok.eos_id)
         greedy_reward = reward_fn([tok.decode(t) for t in g.tokens.tolist()], 1)  # (B,)
-    return Rollout(out, texts, reward, baseline(reward, k, baseline_kind, greedy_reward))
+    b = None if baseline_kind is None else baseline(reward, k, baseline_kind, greedy_reward)
+    return Rollout(out, texts, reward, b)
+
+
+def clip_s_rollout(model, features, clip, tok, *, k, w=2.5, prompt=CLIP_PROMPT, reward_features=None, **sampling):
+    """rollout scored by CLIP-S, stage 2's reward: each image's K captions against the reward CLIP's
+    embedding of that image, reward_features (B, D_r) (default: the features themselves, when the
+    reward CLIP is the one that made them). sampling: rollout's baseline_kind, temperature,
+    max_new_tokens, generator."""
+    reward_features = features if reward_features is None else reward_features  # (B, D_r)
+    return rollout(model, features, tok,
+                   lambda texts, k: clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, w, prompt),
+                   k=k, **sampling)
 
 # -----------------------------------------------------------------------------
 # the two objectives
@@ -291,11 +304,9 @@ def stage2_loss(model, reference, features, clip, tok, *, k=5, w=2.5, kl_weight=
     """
     forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
     autocast = nullcontext() if autocast is None else autocast
-    reward_features = features if reward_features is None else reward_features  # (B, D_r)
-    r = rollout(model, features, tok,
-                lambda texts, k: clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, w, prompt),
-                k=k, baseline_kind=baseline_kind, temperature=temperature, max_new_tokens=max_new_tokens,
-                generator=generator)
+    r = clip_s_rollout(model, features, clip, tok, k=k, w=w, prompt=prompt, reward_features=reward_features,
+                       baseline_kind=baseline_kind, temperature=temperature, max_new_tokens=max_new_tokens,
+                       generator=generator)
     feats_k, P = features.repeat_interleave(k, dim=0), model.prefix_len  # (B*K, D)
     with torch.no_grad():
         ref_logits = reference(feats_k, r.out.tokens[:, :-1])[:, P - 1:]  # (B*K, T, V) π_ref, the stage-1 policy
@@ -309,9 +320,9 @@ def stage2_loss(model, reference, features, clip, tok, *, k=5, w=2.5, kl_weight=
                   "gen_len": r.out.lengths().float().mean().item(), "repetition": repetition_rate(r.texts)}
 
 
-def self_training_loss(model, teacher, features, clip, tok, *, k=5, keep_fraction=0.5, w=2.5, baseline_kind="mean",
-                       prompt=CLIP_PROMPT, temperature=1.0, max_new_tokens=40, generator=None, forward=None,
-                       autocast=None, reward_features=None):
+def self_training_loss(model, teacher, features, clip, tok, *, k=5, keep_fraction=0.5, w=2.5, prompt=CLIP_PROMPT,
+                       temperature=1.0, max_new_tokens=40, generator=None, forward=None, autocast=None,
+                       reward_features=None):
     """
     Self-training on B unlabeled images, the simplest semi-supervised baseline (pseudo-labels, Lee
     2013; noisy student, Xie et al. 2020, arXiv 1911.04252), with the same images, reward CLIP and
@@ -324,11 +335,9 @@ def self_training_loss(model, teacher, features, clip, tok, *, k=5, keep_fractio
     """
     forward = model if forward is None else forward  # not `forward or model`: a compiled module has no truth value
     autocast = nullcontext() if autocast is None else autocast
-    reward_features = features if reward_features is None else reward_features  # (B, D_r)
-    r = rollout(teacher, features, tok,
-                lambda texts, k: clip_reward(clip, reward_features.repeat_interleave(k, dim=0), texts, w, prompt),
-                k=k, baseline_kind=baseline_kind, temperature=temperature, max_new_tokens=max_new_tokens,
-                generator=generator)
+    r = clip_s_rollout(teacher, features, clip, tok, k=k, w=w, prompt=prompt, reward_features=reward_features,
+                       baseline_kind=None, temperature=temperature, max_new_tokens=max_new_tokens,
+                       generator=generator)  # no baseline: CLIP-S only ranks the captions
     n_keep = max(1, math.ceil(keep_fraction * r.reward.numel()))
     kept = r.reward.topk(n_keep).indices  # (n_keep,) the captions CLIP-S scores best
     tokens, mask = r.out.tokens[kept], r.out.mask[kept]  # (n_keep, T)

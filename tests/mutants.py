@@ -54,8 +54,8 @@ MUTANTS = [
     ("train.py drops --kl_weight", "train.py",
      "kl_weight=cfg.kl_weight", "kl_weight=0.1"),
     ("the scaffold's baseline dropped (both objectives)", "nanocap/losses.py",
-     "return Rollout(out, texts, reward, baseline(reward, k, baseline_kind, greedy_reward))",
-     "return Rollout(out, texts, reward, torch.zeros_like(reward))"),
+     "b = None if baseline_kind is None else baseline(reward, k, baseline_kind, greedy_reward)",
+     "b = torch.zeros_like(reward)"),
     ("train.py drops --contrastive_weight", "train.py",
      "contrastive_weight=cfg.contrastive_weight", "contrastive_weight=0.01"),
 ]

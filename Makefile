@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 # Override for another platform, e.g. make TORCH="torch torchvision" test
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast mutants demo results results-small results-small-world results-small-report results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table results-self-seed results-self-table notebooks clean
+.PHONY: install test test-fast mutants demo bench docs results results-small results-small-world results-small-report results-seed results-score results-long results-table results-2x2 results-2x2-score results-2x2-table results-self-seed results-self-table notebooks clean
 
 install: $(VENV)/.installed
 
@@ -24,38 +24,51 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps openai-whisper==20250625
 	touch $@
 
-# The test worlds (the tests' tiny one, the notebooks' data/shapes_small) pretrain in float32, the same
-# world on every CPU. Their learned effects must hold in a bfloat16 world too; check with
+# The test worlds (the tests' tiny one, the notebooks' data/shapes_small) pretrain in float32 whether or not
+# the CPU has bfloat16 (float32 still differs in the last digits between CPUs). Their learned effects must hold in a bfloat16 world too; check with
 #   rm -rf data/shapes_small && make test PRETRAIN_DTYPE=bfloat16
 PRETRAIN_DTYPE ?= float32
-SMALL_WORLD := HF_HUB_OFFLINE=1 $(PY) data_prep.py --config configs/shapes_small_data.json --pretrain_dtype $(PRETRAIN_DTYPE)
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q --pretrain-dtype $(PRETRAIN_DTYPE)
+# Long targets run through the timer, which keeps each one's wall time, command, CPU, cores, bfloat16
+# and torch version in results/timings.json (the docs quote those records): python -m nanocap.tools.timing --show
+TIMED  := HF_HUB_OFFLINE=1 $(PY) -m nanocap.tools.timing
+SMALL_WORLD := $(TIMED) "the notebooks' world: data_prep.py" -- $(PY) data_prep.py --config configs/shapes_small_data.json \
+    --pretrain_dtype $(PRETRAIN_DTYPE)
 
 NOTEBOOK_RUNS := out/shapes_small out/shapes_small_*   # every run the notebooks train (nanocap/tools/notebook.py)
 
 test: install
 	rm -rf $(NOTEBOOK_RUNS)   # the notebooks' runs are made afresh, never taken from an older world or code
 	test -f data/shapes_small/meta.json || $(SMALL_WORLD)   # the notebooks' world, made once (about 2 minutes)
-	$(PYTEST) --nbmake tests notebooks
+	$(TIMED) "make test: pytest" -- $(PY) -m pytest -q --pretrain-dtype $(PRETRAIN_DTYPE) --nbmake tests notebooks
 
 test-fast: install
-	$(PYTEST) -m "not slow" tests
+	$(TIMED) "make test-fast: pytest" -- $(PY) -m pytest -q --pretrain-dtype $(PRETRAIN_DTYPE) -m "not slow" tests
 
 # Break the method on purpose (a sign, an index, a clamp: tests/mutants.py) and check that make test-fast fails
 mutants: install
-	HF_HUB_OFFLINE=1 $(PY) tests/mutants.py
+	$(TIMED) "make mutants" -- $(PY) tests/mutants.py
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) data_prep.py                        # the shapes world, once (a second run reuses it)
-	HF_HUB_OFFLINE=1 $(PY) train.py                            # stage 1 on 2% of the labels, then stage 2 on the unlabeled 98%
+	$(TIMED) "make demo: data_prep.py" -- $(PY) data_prep.py  # the shapes world, once (a second run reuses it)
+	$(TIMED) "make demo: train.py" -- $(PY) train.py          # stage 1 on 2% of the labels, then stage 2 on the unlabeled 98%
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 8  # stage-1 and stage-2 captions side by side
+
+# nanocap against transformers and ClipCap-style decoding on this CPU (bench.py; docs/performance.md)
+bench: install
+	$(TIMED) "make bench" -- $(PY) bench.py --profile --out results/bench_cpu.json
 
 # Re-execute every notebook in place, outputs and figures saved (commit them: they are read on GitHub).
 # The small shapes world is made first when missing; the README (Tutorial) gives the times measured here.
 notebooks: install
 	rm -rf $(NOTEBOOK_RUNS)
 	test -f data/shapes_small/meta.json || $(SMALL_WORLD)
-	HF_HUB_OFFLINE=1 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+	TQDM_DISABLE=1 $(TIMED) "make notebooks: nbconvert" -- $(PY) -m jupyter nbconvert --to notebook --execute \
+	    --inplace notebooks/*.ipynb
+
+# Every generated block of the README and docs/ (tables, claims) written again from results/ by the
+# sample.py command its marker names; make test checks that none differs (tests/test_docs.py)
+docs: install
+	$(PY) sample.py --refresh README.md docs/*.md
 
 # The README's results table on the shapes test split: rows (a) to (d), and (c) at 2,400 steps,
 # trained and scored for each of 3 seeds (the seed chooses the labeled 2%, the batches and the
@@ -113,12 +126,8 @@ results-2x2-score: install
 	$(EVAL) --ckpt $(RUN)/shapes_comp_full/stage1.pt --out_json results/2x2_comp_full.seed$(SEED).json
 
 results-2x2-table: install
-	$(PY) sample.py --table results/a_stage1_2pct.seed*.json results/b_stage2.seed*.json \
-	    results/2x2_comp_features_stage1.seed*.json results/2x2_comp_features_stage2.seed*.json \
-	    results/2x2_comp_reward_stage1.seed*.json results/2x2_comp_reward_stage2.seed*.json \
-	    results/2x2_comp_stage1.seed*.json results/2x2_comp_stage2.seed*.json \
-	    results/c_full.seed*.json results/2x2_comp_full.seed*.json
 	$(PY) sample.py --two_by_two results
+	$(MAKE) docs   # docs/blind-spots.md's block of the same command
 
 # The notebooks' small world, pretrained in each dtype, 3 seeds of both stages each: stage 2's change over
 # stage 1 paired by seed (beam 3, as notebook 07 decodes) and the stage-2 curves. About 10 minutes a dtype;
@@ -144,13 +153,15 @@ results-small-world: install
 
 results-small-report: install
 	$(PY) sample.py --changes $(foreach dt,$(SMALL_DTYPES),results/small$(TAG)_$(dt))
+	$(MAKE) docs   # docs/testing.md's block of the same command
 	$(PY) sample.py --curves $(foreach dt,$(SMALL_DTYPES),$(foreach s,$(SEEDS),out/small$(TAG)/$(dt)/seed$(s))) \
 	    --grid assets/small$(TAG)_stage2.png
 
-# Row (f) of #27, stage 2 by self-training (--stage2_objective self_training), beside rows (a) and (b), paired
-# by seed, in a float32 world (the same world on every CPU). One seed: stage 1 and stage 2 as in (a) and (b),
-# then stage 2 by self-training from the same stage-1 checkpoint, then the three scored. The world is made once.
-#   make results-self-seed SEED=1337 & make results-self-seed SEED=1338 & make results-self-seed SEED=1339 & wait
+# Row (f), stage 2 by self-training (--stage2_objective self_training), beside rows (a) and (b), paired by
+# seed, in a world pretrained in float32 (float32 on any CPU, though it differs in the last digits between
+# CPUs). One seed: stage 1 and stage 2 as in (a) and (b), then stage 2 by self-training from the same stage-1
+# checkpoint, then the three scored. The world is made once. Five seeds, two at a time on 2 cores:
+#   make results-self-seed SEED=1337 & make results-self-seed SEED=1338 & wait   (and so on to 1341)
 #   make results-self-table
 SELF_WORLD ?= data/shapes_float32
 SELF = out/self/seed$(SEED)
@@ -166,6 +177,8 @@ results-self-seed: install
 
 results-self-table: install
 	$(PY) sample.py --table results/self_a.seed*.json results/self_b.seed*.json results/self_f.seed*.json
+	$(PY) sample.py --paired results/self_a results/self_f results/self_f results/self_b
+	$(MAKE) docs   # docs/results.md's blocks of the same commands
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 6 --grid assets/self_training.png --ckpts \
 	    out/self/seed1337/ab/stage1.pt out/self/seed1337/ab/stage2.pt out/self/seed1337/f/stage2.pt
 
@@ -176,6 +189,7 @@ results-table: install
 	    results/a_stage1_2pct_last.seed*.json results/d_clipcap_last.seed*.json
 	$(PY) sample.py --claims results
 	$(PY) sample.py --claims results --claims_full c_full_2400
+	$(MAKE) docs   # the README's and docs/results.md's blocks of the same commands
 	HF_HUB_OFFLINE=1 $(PY) sample.py --split test --compare 6 --grid assets/examples.png --ckpts \
 	    out/results/seed1337/shapes/stage1.pt out/results/seed1337/shapes/stage2.pt out/results/seed1337/shapes_full/stage1.pt
 

@@ -40,6 +40,7 @@ from nanocap.decode import beam_search, greedy
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.mapper import build_mapper
 from nanocap.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from nanocap.tools import timing
 from nanocap.tools.cli import parse_config, print_config
 
 
@@ -242,6 +243,7 @@ def bench_mfu(batch, seq, device):
 
 def main(cfg):
     print_config(cfg)
+    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     if device.type == "cpu":
@@ -253,7 +255,13 @@ def main(cfg):
     if cfg.quick:
         small = dict(block_size=64, vocab_size=1000, n_layer=2, n_head=2, n_embd=64)
         cfg.repeats = min(cfg.repeats, 3)
-    results = {"device": name, "torch": torch.__version__, "quick": cfg.quick, "config": asdict(cfg)}
+    import open_clip
+    import transformers
+    # what the figures depend on: the machine, the versions, the flags (not where the file went)
+    results = {"device": name, "machine": timing.machine(), "torch": torch.__version__,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "open_clip": open_clip.__version__},
+               "quick": cfg.quick, "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
     print(f"device: {name}")
 
     results["train_small"] = bench_train_step(small, 16, 64, cfg, device)
@@ -291,6 +299,8 @@ def main(cfg):
     print(f"greedy tokens identical to transformers': {100 * dec['greedy_tokens_agree']:.1f}%")
     if "mfu_stage1" in results:
         print(f"stage-1 MFU at GPT-2 124M, bf16: {results['mfu_stage1']}")
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    print(f"bench.py took {results['wall_s']:.0f} s")
     if cfg.out:
         write_json(cfg.out, results)
         print(f"wrote {cfg.out}")

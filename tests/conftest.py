@@ -14,7 +14,7 @@ SMALL_WORLD = os.path.join(ROOT, "data", "shapes_small")  # the notebooks' world
 
 
 def pytest_addoption(parser):
-    # The test worlds pretrain in float32 by default, the same world on every CPU; a learned effect that
+    # The test worlds pretrain in float32 by default, whether or not the CPU has bfloat16; a learned effect that
     # a test asserts must hold in a bfloat16 world too: `make test PRETRAIN_DTYPE=bfloat16` checks it.
     parser.addoption("--pretrain-dtype", default="float32", choices=["float32", "bfloat16"],
                      help="dtype the test worlds' toy models pretrain in (data_prep.py --pretrain_dtype)")

@@ -15,3 +15,6 @@ def test_bench_quick_writes_every_ratio(tmp_path):
     assert set(r["stage2_step"]) == {"images_per_s", "step_s"} and math.isfinite(r["stage2_step"]["step_s"])
     # a speed ratio means something only when both sides compute the same thing: same weights, same tokens
     assert r["device"] and r["decoding_small"]["greedy_tokens_agree"] == 1.0
+    # the record says where and with what it ran, and how long, but not where it was written
+    assert r["wall_s"] > 0 and r["machine"]["cpu"] and r["machine"]["cores"] >= 1 and "bf16" in r["machine"]
+    assert r["versions"]["torch"] == r["machine"]["torch"] and "out" not in r["config"]

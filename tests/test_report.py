@@ -20,7 +20,7 @@ def test_files_differing_only_in_seed_make_one_row_of_mean_and_sample_std(tmp_pa
     e = write(tmp_path / "e_refs.json", CIDEr=134.06)
     (tmp_path / "a_run.seed1.captions.json").write_text(json.dumps(["a caption"]))
     lines = report.score_table(a + [e, str(tmp_path / "a_run.seed1.captions.json")], columns=["CIDEr", "CLIP-S"])
-    assert lines[0] == "| run | seeds | CIDEr | CLIP-S |"
+    assert lines[0] == "| row | seeds | CIDEr | CLIP-S |"
     assert lines[2] == "| a_run | 3 | 110.0 ± 10.0 | – |"  # stdev with n - 1: 10, not 8.2
     assert lines[3] == "| e_refs | 1 | 134.1 | – |"
     assert len(lines) == 4  # the captions file is skipped
@@ -39,22 +39,23 @@ def test_claims_are_checked_and_counted_seed_by_seed(tmp_path):
         for name, s in (("a_stage1_2pct", a), ("b_stage2", b), ("c_full", c)):
             write(tmp_path / f"{name}.seed{seed}.json", **s)
     lines = report.claims(str(tmp_path))
-    assert lines[0].startswith("seed 1: CIDEr(b) >= 0.9 x CIDEr(c): yes (150.0 vs 144.0)")
-    assert "R@1(b) > R@1(c): no (45.0 vs 50.0)" in lines[0]
-    assert "CIDEr(b) >= 0.9 x CIDEr(c): no (140.0 vs 144.0)" in lines[1]  # 140 < 0.9 x 160
-    assert lines[3:6] == ["CIDEr(b) >= 0.9 x CIDEr(c): held in 2 of 3 seeds",
-                          "CLIP-S(b) > CLIP-S(c): held in 2 of 3 seeds",
-                          "R@1(b) > R@1(c): held in 1 of 3 seeds"]
+    assert lines[0] == "| seed (b_stage2 against c_full) | CIDEr(b) ≥ 0.9 × CIDEr(c) | CLIP-S(b) > CLIP-S(c) | R@1(b) > R@1(c) |"
+    # the bar of the CIDEr claim is printed as what it is, 0.9 x CIDEr(c), with CIDEr(c) itself
+    assert lines[2] == "| 1 | yes: 150.0 ≥ 0.9 × 160.0 = 144.0 | yes: 180.0 > 175.0 | no: 45.0 ≤ 50.0 |"
+    assert lines[3].startswith("| 2 | no: 140.0 < 0.9 × 160.0 = 144.0 |")  # 140 < 0.9 x 160
+    assert lines[5] == "| held in | 2 of 3 seeds | 2 of 3 seeds | 1 of 3 seeds |"
     drop = [79.0 - 82.0, 79.5 - 82.5, 78.5 - 81.5]  # -3 in every seed, spread 0.5
-    assert lines[6].startswith("attr_precision (b) - (a) by seed: -3.0, -3.0, -3.0, mean -3.0")
-    assert lines[6].endswith("the drop is larger than the spread") and statistics.stdev(drop) == 0
+    assert lines[7].startswith("attr_precision, (b) - (a) by seed: -3.0, -3.0, -3.0; mean change -3.0 ± 0.0 over 3")
+    assert lines[7].endswith("the change is larger than the spread.") and statistics.stdev(drop) == 0
     write(tmp_path / "b_stage2.seed3.json", **scores(143, 176, 30, 84.0))  # one seed gains: within the spread
-    assert report.claims(str(tmp_path))[6].endswith("the drop is within the spread")
+    assert report.claims(str(tmp_path))[7].endswith("the change is within the spread.")
+    for seed, b in ((1, 85.0), (2, 85.5), (3, 84.5)):  # +3 in every seed: a gain is a change too
+        write(tmp_path / f"b_stage2.seed{seed}.json", **scores(150, 180, 45, b))
+    assert report.claims(str(tmp_path))[7].endswith("the change is larger than the spread.")
     write(tmp_path / "c_full_2400.seed2.json", **scores(130, 165, 30, 81))  # another (c): (c') at 4x the steps
     longer = report.claims(str(tmp_path), full="c_full_2400")
-    assert longer[0].startswith("seed 2: CIDEr(b) >= 0.9 x CIDEr(c): yes (140.0 vs 117.0)")
-    assert longer[1:4] == [f"{m}: held in 1 of 1 seeds" for m in
-                           ("CIDEr(b) >= 0.9 x CIDEr(c)", "CLIP-S(b) > CLIP-S(c)", "R@1(b) > R@1(c)")]
+    assert longer[2].startswith("| 2 | yes: 150.0 ≥ 0.9 × 130.0 = 117.0 |")
+    assert longer[3] == "| held in | 1 of 1 seeds | 1 of 1 seeds | 1 of 1 seeds |"
 
 
 def test_claims_without_score_files_fail_in_one_line(tmp_path, capsys):
@@ -63,7 +64,7 @@ def test_claims_without_score_files_fail_in_one_line(tmp_path, capsys):
     write(tmp_path / "b_stage2.seed1.json", **scores(150, 180, 45, 79))
     write(tmp_path / "c_full.seed1.json", **scores(150, 170, 40, 80))
     assert sample.main(parse_config(sample.Config, ["--claims", str(tmp_path)])) == 0
-    assert "held in 1 of 1 seeds" in capsys.readouterr().out
+    assert "| held in | 1 of 1 seeds |" in capsys.readouterr().out
 
 
 def test_two_by_two_changes_and_swaps_paired_by_seed(tmp_path, capsys):
@@ -82,6 +83,11 @@ def test_two_by_two_changes_and_swaps_paired_by_seed(tmp_path, capsys):
     write(tmp_path / "2x2_comp_stage2.seed2.json", attr_precision=73.0, attr_recall=80.0)
     assert sample.main(parse_config(sample.Config, ["--two_by_two", str(tmp_path)])) == 0
     lines = capsys.readouterr().out.splitlines()
+    levels = lines[:lines.index("")]  # first each cell's own scores, named as the docs name them
+    assert levels[2].startswith("| bag-of-words features, bag-of-words reward: stage 1 (= (a)) | 2 | ")
+    assert levels[3].startswith("| … then stage 2 (= (b)) | 2 | ")
+    assert "| full supervision, compositional features | 2 |" in levels[-1]
+    lines = lines[lines.index("") + 1:]
     # bag-of-words both: -1 then -3 (69 - 2 + 2 against 70 + 2): mean -2, sample std 1.4
     assert lines[2] == "| bag-of-words features, bag-of-words reward | 2 | -2.0 ± 1.4 (-1.0, -3.0) | +0.0 ± 0.0 " \
                        "(+0.0, +0.0) | +18.0 ± 0.0 (+18.0, +18.0) |"
@@ -122,3 +128,33 @@ def test_stage2_curves_draw_every_run_and_refuse_one_without_a_log(tmp_path):
         report.stage2_curves([str(tmp_path)], str(tmp_path / "no.png"))
     with pytest.raises(SystemExit, match="--grid"):
         sample.main(parse_config(sample.Config, ["--curves", str(tmp_path / "float32" / "seed1")]))
+
+
+def test_paired_changes_subtract_within_each_seed_and_name_rows_as_the_docs_do(tmp_path, capsys):
+    for seed, (a, f) in {1: (100.0, 110.0), 2: (120.0, 125.0), 3: (90.0, 80.0)}.items():
+        write(tmp_path / f"self_a.seed{seed}.json", CIDEr=a)
+        write(tmp_path / f"self_f.seed{seed}.json", CIDEr=f)
+    lines = report.paired_changes([(str(tmp_path / "self_a"), str(tmp_path / "self_f"))], metrics=("CIDEr",))
+    assert lines[2] == "| (f) − (a) | 3 | +1.7 ± 10.4 (+10.0, +5.0, -10.0) |"
+    with pytest.raises(SystemExit, match="in pairs"):
+        sample.main(parse_config(sample.Config, ["--paired", str(tmp_path / "self_a")]))
+    assert sample.main(parse_config(sample.Config, ["--paired", str(tmp_path / "self_a"), str(tmp_path / "self_f")])) == 0
+    assert "| (f) − (a) | 3 |" in capsys.readouterr().out
+
+
+def test_refresh_writes_each_generated_block_from_its_own_command_and_check_catches_an_edit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a block's globs are read from where sample.py runs: the repository root
+    (tmp_path / "results").mkdir()
+    for seed, c in ((1, 100.0), (2, 110.0)):
+        write(tmp_path / "results" / f"c_full.seed{seed}.json", CIDEr=c)
+    doc = tmp_path / "page.md"
+    marker = "<!-- generated by: python sample.py --table results/c_full.seed*.json -->"
+    doc.write_text(f"# A page\n\n{marker}\nan old table, edited by hand\n<!-- /generated -->\n\ntext after\n")
+    with pytest.raises(SystemExit, match="generated blocks differ .* page.md"):
+        sample.main(parse_config(sample.Config, ["--refresh", "page.md", "--check"]))
+    assert sample.main(parse_config(sample.Config, ["--refresh", "page.md"])) == 0
+    text = doc.read_text()
+    table = "\n".join(report.score_table(["results/c_full.seed1.json", "results/c_full.seed2.json"]))
+    assert text == f"# A page\n\n{marker}\n{table}\n<!-- /generated -->\n\ntext after\n"
+    assert "| (c) stage 1, 100% of the labels | 2 |" in text  # the docs' row name, not the file's
+    assert sample.main(parse_config(sample.Config, ["--refresh", "page.md", "--check"])) == 0

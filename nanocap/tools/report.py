@@ -4,8 +4,10 @@ seed by seed, the features x reward 2x2 read off seed by seed, stage 2's change 
 and its training curves over several runs, and images beside their captions as one PNG.
 
 sample.py --table prints the table, sample.py --claims the claims, sample.py --two_by_two the
-2x2's changes and sample.py --changes stage 2's (the README's results are made so); sample.py
---curves --grid, --compare --grid and data_prep.py --grid draw the pictures.
+2x2, sample.py --changes stage 2's changes and sample.py --paired any two rows' changes. The docs
+hold their printouts as generated blocks, each marked with its command, which sample.py --refresh
+runs again (refresh_blocks); sample.py --curves --grid, --compare --grid and data_prep.py --grid
+draw the pictures.
 """
 
 import glob
@@ -46,10 +48,34 @@ def mean_std(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def score_table(files, columns=TABLE_COLUMNS):
+# the names the docs give the score files' rows; a run not named here is shown by its file name
+ROW_NAMES = {
+    "a_stage1_2pct": "(a) stage 1, 2% of the labels",
+    "b_stage2": "(b) (a) + stage 2 on the unlabeled 98%",
+    "c_full": "(c) stage 1, 100% of the labels",
+    "c_full_2400": "(c′) (c) with 4× the steps (2,400)",
+    "d_clipcap": "(d) (a) with λ = 0 (ClipCap: cross-entropy only)",
+    "e_references": "(e) the references: one against the other four",
+    "a_stage1_2pct_last": "(a) at its last step (600), not its best",
+    "d_clipcap_last": "(d) at its last step (600), not its best",
+    "self_a": "(a) stage 1, 2% of the labels",
+    "self_b": "(b) (a) + stage 2, the CLIP reward",
+    "self_f": "(f) (a) + stage 2, self-training",
+    "2x2_comp_features_stage1": "compositional features, bag-of-words reward: stage 1",
+    "2x2_comp_features_stage2": "… then stage 2",
+    "2x2_comp_reward_stage1": "bag-of-words features, compositional reward: stage 1",
+    "2x2_comp_reward_stage2": "… then stage 2",
+    "2x2_comp_stage1": "compositional features, compositional reward: stage 1",
+    "2x2_comp_stage2": "… then stage 2",
+    "2x2_comp_full": "full supervision, compositional features",
+}
+
+
+def score_table(files, columns=TABLE_COLUMNS, names=ROW_NAMES):
     """Score files as markdown lines, a row per run: files that differ only in their seed
-    (name.seedN.json) make one row of mean ± std over the seeds. The *.captions.json beside each
-    are passed over; other files without scores are skipped with a line on stderr."""
+    (name.seedN.json) make one row of mean ± std over the seeds, named by `names` where it names
+    the run. The *.captions.json beside each are passed over; other files without scores are
+    skipped with a line on stderr."""
     runs = {}  # name -> [scores], in the order given
     for f in files:
         if f.endswith(".captions.json"):
@@ -59,10 +85,10 @@ def score_table(files, columns=TABLE_COLUMNS):
             print(f"skipped: {f} is not a score file of --eval --out_json", file=sys.stderr)
             continue
         runs.setdefault(run_name(f)[0], []).append(scores)
-    lines = ["| run | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    lines = ["| row | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for name, group in runs.items():
         cells = [mean_std([s[c] for s in group]) if all(c in s for s in group) else "–" for c in columns]
-        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {names.get(name, name)} | {len(group)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -78,36 +104,69 @@ def by_seed(results_dir, name):
 
 def claims(results_dir, semi="b_stage2", full="c_full", stage1="a_stage1_2pct"):
     """The paper's claims, semi-supervised (b) against full supervision (c), checked seed by seed:
-    CIDEr(b) ≥ 0.9 × CIDEr(c), CLIP-S(b) > CLIP-S(c) and R@1(b) > R@1(c); then how many seeds each
-    held for, and whether stage 2's change of attribute precision ((b) - (a)) is larger than its
-    spread over the seeds. Returns the lines to print."""
+    CIDEr(b) ≥ 0.9 × CIDEr(c), CLIP-S(b) > CLIP-S(c) and R@1(b) > R@1(c), as a markdown table
+    with the count of seeds each held for; then stage 2's change of attribute precision,
+    (b) - (a) by seed, against its spread over the seeds. Returns the lines to print."""
     b, c, a = by_seed(results_dir, semi), by_seed(results_dir, full), by_seed(results_dir, stage1)
     seeds = sorted(set(b) & set(c))
     if not seeds:
         raise ValueError(f"no seed has both {semi}.seedN.json and {full}.seedN.json in {results_dir}; "
                          f"make them with `make results-seed SEED=N`")
     checks = [("CIDEr", 0.9), ("CLIP-S", 1.0), ("R@1", 1.0)]  # (b) >= 0.9 x (c), or (b) > (c) where 1.0
-    names = [f"{m}(b) >= {f} x {m}(c)" if f != 1.0 else f"{m}(b) > {m}(c)" for m, f in checks]
-    lines, held = [], [0] * len(checks)
+    names = [f"{m}(b) ≥ {f} × {m}(c)" if f != 1.0 else f"{m}(b) > {m}(c)" for m, f in checks]
+    lines = [f"| seed ({semi} against {full}) | " + " | ".join(names) + " |", "|---" * (len(checks) + 1) + "|"]
+    held = [0] * len(checks)
     for seed in seeds:
         cells = []
         for i, (m, f) in enumerate(checks):
-            ours, bar = b[seed][m], f * c[seed][m]
-            ok = ours >= bar if f != 1.0 else ours > bar
+            ours, theirs = b[seed][m], c[seed][m]
+            ok = ours >= f * theirs if f != 1.0 else ours > theirs
             held[i] += ok
-            cells.append(f"{names[i]}: {'yes' if ok else 'no'} ({ours:.1f} vs {bar:.1f})")
-        lines.append(f"seed {seed}: " + "; ".join(cells))
-    lines += [f"{name}: held in {n} of {len(seeds)} seeds" for name, n in zip(names, held)]
+            bar = f"{f} × {theirs:.1f} = {f * theirs:.1f}" if f != 1.0 else f"{theirs:.1f}"
+            cells.append(f"{'yes' if ok else 'no'}: {ours:.1f} {('≥' if ok else '<') if f != 1.0 else ('>' if ok else '≤')} {bar}")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines.append("| held in | " + " | ".join(f"{n} of {len(seeds)} seeds" for n in held) + " |")
     paired = [s for s in seeds if s in a]
     if len(paired) >= 2:
-        drop = [b[s]["attr_precision"] - a[s]["attr_precision"] for s in paired]
+        change = [b[s]["attr_precision"] - a[s]["attr_precision"] for s in paired]
         spread = max(statistics.stdev([a[s]["attr_precision"] for s in paired]),
-                     statistics.stdev([b[s]["attr_precision"] for s in paired]), statistics.stdev(drop))
-        larger = all(d < 0 for d in drop) and -statistics.mean(drop) > spread
-        lines.append(f"attr_precision (b) - (a) by seed: {', '.join(f'{d:+.1f}' for d in drop)}, mean "
-                     f"{statistics.mean(drop):+.1f}; the largest std over seeds (of (a), (b) or the change) is "
-                     f"{spread:.1f}: the drop is {'larger than the spread' if larger else 'within the spread'}")
+                     statistics.stdev([b[s]["attr_precision"] for s in paired]), statistics.stdev(change))
+        mean = statistics.mean(change)
+        larger = (all(d < 0 for d in change) or all(d > 0 for d in change)) and abs(mean) > spread
+        lines += ["", f"attr_precision, (b) - (a) by seed: {', '.join(f'{d:+.1f}' for d in change)}; mean change "
+                  f"{mean:+.1f} ± {statistics.stdev(change):.1f} over {len(paired)} seeds. The largest std over seeds "
+                  f"(of (a), (b) or the change) is {spread:.1f}: the change is "
+                  f"{'larger than the spread' if larger else 'within the spread'}."]
     return lines
+
+
+def paired_changes(pairs, metrics=("CIDEr", "CLIP-S", "R@1", "attr_precision", "rel_precision", "attr_recall",
+                                   "fluency", "distinct")):
+    """After - before, paired by seed, for each (before, after) pair of score-file prefixes
+    (results/self_a, results/self_f: the files PREFIX.seedN.json), as a markdown row of
+    'mean ± std (seed by seed)' per metric. Returns the lines to print."""
+    lines = ["| change | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for before, after in pairs:
+        one, two = (by_seed(os.path.dirname(p) or ".", os.path.basename(p)) for p in (before, after))
+        seeds = sorted(set(one) & set(two))
+        if not seeds:
+            raise ValueError(f"no seed has both {before}.seedN.json and {after}.seedN.json")
+        cells = [_cell([two[s][m] - one[s][m] if m in one[s] and m in two[s] else None for s in seeds])
+                 for m in metrics]
+        label = f"{ROW_NAMES.get(os.path.basename(after), after).split(' ')[0]} − " \
+                f"{ROW_NAMES.get(os.path.basename(before), before).split(' ')[0]}"
+        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# a block of a Markdown file that a command wrote: the marker names the command, sample.py's arguments
+BLOCK = re.compile(r"(<!-- generated by: python sample\.py (.*?) -->\n)(.*?)(<!-- /generated -->)", re.S)
+
+
+def refresh_blocks(text, run):
+    """The Markdown text with each generated block written again: run(args) gets the marker's
+    sample.py arguments and returns what they print, which replaces the block's lines."""
+    return BLOCK.sub(lambda m: m.group(1) + run(m.group(2)) + "\n" + m.group(4), text)
 
 
 # the 2x2 of features x reward (README, "The reward's blind spots"): each cell's stage-1 and stage-2
@@ -130,7 +189,7 @@ def _cell(values):
 
 
 def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_recall")):
-    """The 2x2 read off seed by seed. Stage 2's change (stage 2 - stage 1, same seed) in each cell;
+    """The 2x2 read off seed by seed. Each cell's scores (mean ± std over seeds); stage 2's change (stage 2 - stage 1, same seed) in each cell;
     then what each swap does to that change against the bag-of-words cell (a difference of
     differences, paired by seed), and what the compositional features do to full supervision.
     Only seeds that have every file a line needs count; a metric a file lacks (rel_precision
@@ -153,8 +212,15 @@ def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_re
     if not any(seeds_of(cell[1], cell[2]) for cell in CELLS):
         raise ValueError(f"no cell of the 2x2 has both its stage-1 and stage-2 score files in {results_dir}; "
                          f"make them with `make results-seed SEED=N` and `make results-2x2 SEED=N`")
+    levels = {}  # the cells' own rows first: each stage, then full supervision on either features
+    for (cell, one, two), (same_one, same_two) in zip(CELLS, [(" (= (a))", " (= (b))")] + [("", "")] * 3):
+        levels[one], levels[two] = f"{cell}: stage 1{same_one}", f"… then stage 2{same_two}"
+    levels.update({FULL[0]: "full supervision, bag-of-words features (= (c))",
+                   FULL[1]: "full supervision, compositional features"})
+    files = [f for name in levels for f in sorted(glob.glob(os.path.join(results_dir, f"{name}.seed*.json")))]
+    lines = score_table(files, names=levels) + [""]
     base = CELLS[0]
-    lines = ["| stage 2 - stage 1 | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    lines += ["| stage 2 - stage 1 | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for cell in CELLS:
         seeds = seeds_of(cell[1], cell[2])
         cells = [_cell([change(cell, s, m) for s in seeds]) for m in metrics]

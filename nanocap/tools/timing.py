@@ -1,0 +1,95 @@
+"""
+Timings as records. A time quoted in the docs is only as good as what is known of it: which command,
+on which machine, with which torch. This runs a command, measures its wall time, and keeps the
+record under a name in results/timings.json, beside the record's machine: the CPU model, its cores,
+whether it has native bfloat16 (AVX512-BF16 or AMX), the GPU if any, and the versions of Python and
+torch. The Makefile runs its long targets through it:
+
+    python -m nanocap.tools.timing demo_data_prep -- python data_prep.py
+    python -m nanocap.tools.timing --show          # the records, one line each
+
+A command that fails records nothing, and this exits with its status.
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from nanocap.base.files import write_json
+from nanocap.data.pretrain import cpu_has_bf16
+
+TIMINGS = "results/timings.json"
+
+
+def cpu_model():
+    """The CPU's model name ('Intel(R) Xeon(R) Processor @ 2.10GHz'), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """What a timing depends on, as a dict: CPU, cores, bfloat16, GPU, threads, Python and torch."""
+    import torch
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "bf16": cpu_has_bf16(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "python": platform.python_version(), "torch": torch.__version__, "os": platform.system()}
+
+
+def read(path=TIMINGS):
+    """{name: record} of a timings file, or {} when there is none yet."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record(name, command, wall_s, path=TIMINGS):
+    """Keep one measured run under `name` (the newest replaces an older one of the same name)."""
+    records = read(path)
+    records[name] = {"command": command, "wall_s": round(wall_s, 1), "date": datetime.date.today().isoformat(),
+                     "machine": machine()}
+    write_json(path, dict(sorted(records.items())))
+    return records[name]
+
+
+def show(path=TIMINGS):
+    for name, r in read(path).items():
+        m = r["machine"]
+        minutes, seconds = divmod(round(r["wall_s"]), 60)
+        print(f"{name}: {minutes} min {seconds:02d} s, {r['command']} ({m['cpu']}, {m['cores']} cores, "
+              f"{'bf16' if m['bf16'] else 'no bf16'}, torch {m['torch']}, {r['date']})")
+
+
+def main(argv):
+    if argv == ["--show"]:
+        show()
+        return 0
+    if len(argv) < 3 or argv[1] != "--":
+        raise SystemExit("usage: python -m nanocap.tools.timing NAME -- COMMAND [ARGS ...]  (or --show)")
+    name, command = argv[0], argv[2:]
+    start = time.perf_counter()
+    status = subprocess.call(command)
+    wall = time.perf_counter() - start
+    if status != 0:
+        return status
+    shown = " ".join("python" if i == 0 and os.path.basename(a).startswith("python") else a
+                     for i, a in enumerate(command))  # no machine's venv path in the record
+    r = record(name, shown, wall)
+    print(f"timing: {name} took {wall:.0f} s ({r['machine']['cpu']}, {r['machine']['cores']} cores); "
+          f"recorded in {TIMINGS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -58,7 +58,7 @@ bench: install
 	$(TIMED) "make bench" -- $(PY) bench.py --profile --out results/bench_cpu.json
 
 # Re-execute every notebook in place, outputs and figures saved (commit them: they are read on GitHub).
-# The small shapes world is made first when missing; the README (Tutorial) gives the times measured here.
+# The small shapes world is made first when missing; the times are kept in results/timings.json.
 notebooks: install
 	rm -rf $(NOTEBOOK_RUNS)
 	test -f data/shapes_small/meta.json || $(SMALL_WORLD)
@@ -70,7 +70,7 @@ notebooks: install
 docs: install
 	$(PY) sample.py --refresh README.md docs/*.md
 
-# The README's results table on the shapes test split: rows (a) to (d), and (c) at 2,400 steps,
+# The results table (README, docs/results.md) on the shapes test split: rows (a) to (d), and (c) at 2,400 steps,
 # trained and scored for each of 3 seeds (the seed chooses the labeled 2%, the batches and the
 # samples), (e) once, then the table (mean ± std over the seeds) and the paper's claims seed by seed.
 # Each target below takes about an hour or less on a 2-core CPU: make results-seed SEED=1338 (rows (a)-(d)),
@@ -109,7 +109,7 @@ results-long: install
 	    --seed $(SEED) --out_dir $(RUN)/shapes_full_2400
 	$(EVAL) --ckpt $(RUN)/shapes_full_2400/stage1.pt --out_json results/c_full_2400.seed$(SEED).json
 
-# the reward's blind spots (README): features from the bag-of-words (bow) or the compositional
+# the reward's blind spots (docs/blind-spots.md): features from the bag-of-words (bow) or the compositional
 # (comp) CLIP, times the reward from either; bow x bow is rows (a) and (b). Needs data_prep.py --compositional.
 results-2x2: install
 	test -f data/shapes/models/clip_comp.safetensors || HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) data_prep.py --compositional

@@ -50,6 +50,7 @@ from nanocap.data.images import load_image
 from nanocap.data.real import encode_images
 from nanocap.gpt import GPT, GPTConfig
 from nanocap.tokenizer import build_vocab, get_tokenizer
+from nanocap.tools import timing
 from nanocap.tools.cli import parse_config, print_config
 from nanocap.tools.report import draw_grid
 
@@ -288,7 +289,8 @@ def summarize(cfg, encoders, files, gpt_dir, t0, dtype):
     size_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cfg.data_dir) for f in fs) / 2**20
     summary = dict(counts={s: len(layout.read_jsonl(os.path.join(cfg.data_dir, s, "captions.jsonl"))) for s in SPLITS},
                    size_mb=round(size_mb, 1), clip=reports, gpt_val_perplexity=round(ppl, 3),
-                   gpt_params=lm.num_params(), pretrain_dtype=dtype, wall_time_s=round(time.time() - t0, 1))
+                   gpt_params=lm.num_params(), pretrain_dtype=dtype, wall_time_s=round(time.time() - t0, 1),
+                   machine=timing.machine())  # this run's time (a rerun reuses what exists), and where it ran
     write_json(os.path.join(cfg.data_dir, "summary.json"), summary)
     print(f"\nshapes world in {cfg.data_dir}: " + ", ".join(f"{s} {n}" for s, n in summary["counts"].items())
           + f" images, {summary['size_mb']} MB")

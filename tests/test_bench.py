@@ -1,4 +1,4 @@
-"""bench.py runs at tiny sizes and writes every ratio the README's performance table quotes.
+"""bench.py runs at tiny sizes and writes every ratio docs/performance.md quotes.
 (Speed targets are checked by reading bench.py's output, never by a timed test.)"""
 import json
 import math
@@ -11,7 +11,7 @@ def test_bench_quick_writes_every_ratio(tmp_path):
     bench.main(bench.Config(quick=True, out=str(out), repeats=1))
     r = json.loads(out.read_text())
     for key in ("train_step_vs_hf", "greedy_vs_hf", "greedy_vs_nocache", "beam5_vs_hf", "precompute_vs_bare"):
-        assert isinstance(r[key], float) and math.isfinite(r[key]), key  # a figure the README can quote
+        assert isinstance(r[key], float) and math.isfinite(r[key]), key  # a figure the docs can quote
     assert set(r["stage2_step"]) == {"images_per_s", "step_s"} and math.isfinite(r["stage2_step"]["step_s"])
     # a speed ratio means something only when both sides compute the same thing: same weights, same tokens
     assert r["device"] and r["decoding_small"]["greedy_tokens_agree"] == 1.0

@@ -197,10 +197,10 @@ def read_karpathy(cfg):
     """{split: records} from Karpathy's split file; restval counts as train."""
     if not cfg.coco_root or not os.path.isdir(cfg.coco_root):
         raise SystemExit(f"error: --coco_root {cfg.coco_root!r} is not a folder; pass the folder that holds COCO 2014's "
-                         f"train2014/ and val2014/ (see the README, Real data)")
+                         f"train2014/ and val2014/ (see docs/coco.md)")
     if not cfg.karpathy_json or not os.path.isfile(cfg.karpathy_json):
         raise SystemExit(f"error: --karpathy_json {cfg.karpathy_json!r} is not a file; pass Karpathy's dataset_coco.json "
-                         f"(see the README, Real data)")
+                         f"(see docs/coco.md)")
     try:
         images = read_json(cfg.karpathy_json)["images"]
     except (ValueError, KeyError, TypeError) as e:

@@ -1,8 +1,8 @@
 """
-What an unlabeled web pool costs (README, "Beyond COCO"): stage 2's memory and speed against the
+What an unlabeled web pool costs (docs/web-pool.md): stage 2's memory and speed against the
 size of the pool, and data_prep.py --dataset webdataset's throughput on 1 and 2 ranks.
 
-    python -m nanocap.tools.poolbench                              # about 15 minutes on 2 CPU cores
+    python -m nanocap.tools.poolbench                              # about 15 minutes on 2 CPU cores (an estimate)
     python -m nanocap.tools.poolbench --sizes 100000 --extract_images 0   # a quick look
 
 Everything is made here, offline, at the real shape: CLIP ViT-B-32-quickgelu with random weights
@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from nanocap.base.files import write_json, write_jsonl
 from nanocap.data import layout, pool
+from nanocap.tools import timing
 from nanocap.tools.cli import parse_config, print_config
 from nanocap.tools.training import read_log
 
@@ -192,9 +193,11 @@ def main(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     weights = make_clip(work)
-    result = dict(config=asdict(cfg), cpu_cores=os.cpu_count(), torch=torch.__version__,
+    start = time.time()
+    result = dict(config=asdict(cfg), cpu_cores=os.cpu_count(), torch=torch.__version__, machine=timing.machine(),
                   memory=bench_memory(cfg, work, weights, gen),
                   extract=bench_extract(cfg, work, weights) if cfg.extract_images else [])
+    result["wall_s"] = round(time.time() - start, 1)  # the runs, without making the CLIP weights
     write_json(cfg.out, result)
     print("\n| pool rows | pool on disk | peak RSS | peak anonymous | stage-2 steps/s | a draw of 16 rows |"
           "\n|---|---|---|---|---|---|")

@@ -5,8 +5,8 @@ record under a name in results/timings.json, beside the record's machine: the CP
 whether it has native bfloat16 (AVX512-BF16 or AMX), the GPU if any, and the versions of Python and
 torch. The Makefile runs its long targets through it:
 
-    python -m nanocap.tools.timing demo_data_prep -- python data_prep.py
-    python -m nanocap.tools.timing --show          # the records, one line each
+    python -m nanocap.tools.timing "make demo: data_prep.py" -- python data_prep.py
+    python sample.py --timings results/timings.json      # the records as a table (docs/performance.md)
 
 A command that fails records nothing, and this exits with its status.
 """
@@ -63,20 +63,9 @@ def record(name, command, wall_s, path=TIMINGS):
     return records[name]
 
 
-def show(path=TIMINGS):
-    for name, r in read(path).items():
-        m = r["machine"]
-        minutes, seconds = divmod(round(r["wall_s"]), 60)
-        print(f"{name}: {minutes} min {seconds:02d} s, {r['command']} ({m['cpu']}, {m['cores']} cores, "
-              f"{'bf16' if m['bf16'] else 'no bf16'}, torch {m['torch']}, {r['date']})")
-
-
 def main(argv):
-    if argv == ["--show"]:
-        show()
-        return 0
     if len(argv) < 3 or argv[1] != "--":
-        raise SystemExit("usage: python -m nanocap.tools.timing NAME -- COMMAND [ARGS ...]  (or --show)")
+        raise SystemExit("usage: python -m nanocap.tools.timing NAME -- COMMAND [ARGS ...]")
     name, command = argv[0], argv[2:]
     start = time.perf_counter()
     status = subprocess.call(command)

@@ -25,20 +25,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The test worlds (the tests' tiny one, the notebooks' data/shapes_small) pretrain in float32 whether or not
-# the CPU has bfloat16 (float32 still differs in the last digits between CPUs). Their learned effects must hold in a bfloat16 world too; check with
+# the CPU has bfloat16 (float32 still differs in the last digits between CPUs). Their learned effects must
+# hold in a bfloat16 world too; check with
 #   rm -rf data/shapes_small && make test PRETRAIN_DTYPE=bfloat16
 PRETRAIN_DTYPE ?= float32
 # Long targets run through the timer, which keeps each one's wall time, command, CPU, cores, bfloat16
-# and torch version in results/timings.json (the docs quote those records): python -m nanocap.tools.timing --show
+# and torch version in results/timings.json (the docs quote those records): python sample.py --timings results/timings.json
 TIMED  := HF_HUB_OFFLINE=1 $(PY) -m nanocap.tools.timing
-SMALL_WORLD := $(TIMED) "the notebooks' world: data_prep.py" -- $(PY) data_prep.py --config configs/shapes_small_data.json \
-    --pretrain_dtype $(PRETRAIN_DTYPE)
+# (the world's own summary.json records its wall time and machine; a timing record here would change
+# results/timings.json before the tests that check the docs against it)
+SMALL_WORLD := HF_HUB_OFFLINE=1 $(PY) data_prep.py --config configs/shapes_small_data.json --pretrain_dtype $(PRETRAIN_DTYPE)
 
 NOTEBOOK_RUNS := out/shapes_small out/shapes_small_*   # every run the notebooks train (nanocap/tools/notebook.py)
 
 test: install
 	rm -rf $(NOTEBOOK_RUNS)   # the notebooks' runs are made afresh, never taken from an older world or code
-	test -f data/shapes_small/meta.json || $(SMALL_WORLD)   # the notebooks' world, made once (about 2 minutes)
+	test -f data/shapes_small/meta.json || $(SMALL_WORLD)   # the notebooks' world, made once (docs/testing.md: its time)
 	$(TIMED) "make test: pytest" -- $(PY) -m pytest -q --pretrain-dtype $(PRETRAIN_DTYPE) --nbmake tests notebooks
 
 test-fast: install

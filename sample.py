@@ -50,7 +50,7 @@ from nanocap.data.images import ImageError, find_images, load_image
 from nanocap.decode import LENGTH_PENALTY, generate
 from nanocap.losses import clip_s, embed_captions
 from nanocap.tokenizer import get_tokenizer
-from nanocap.tools import report
+from nanocap.tools import report, timing
 from nanocap.tools.cli import parse_config
 
 
@@ -294,7 +294,7 @@ def main(cfg):
                      report.claims(cfg.claims, full=cfg.claims_full) if cfg.claims else
                      report.stage2_changes(cfg.changes) if cfg.changes else
                      report.paired_changes(list(zip(cfg.paired[::2], cfg.paired[1::2]))) if cfg.paired else
-                     report.timings_table(cfg.timings) if cfg.timings else
+                     timing.table(cfg.timings) if cfg.timings else
                      report.bench_table(cfg.bench) if cfg.bench else
                      report.two_by_two(cfg.two_by_two))
         except ValueError as e:

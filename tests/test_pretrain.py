@@ -18,6 +18,7 @@ from nanocap.losses import info_nce
 from nanocap.tokenizer import build_vocab, get_tokenizer
 
 CFG = pretrain.REWARD_CLIP_CFG
+TINY_CFG = pretrain.SMALL_REWARD_CLIP_CFG  # the notebooks' world's reward CLIP: the same code, a quarter of the time
 
 
 def make_data(n, seed):
@@ -34,12 +35,12 @@ def data():
 
 @pytest.fixture(scope="module")
 def tiny_clip(data, tmp_path_factory):
-    """A CLIP trained for 100 steps on 64 images (lr 2e-3: at the real runs' 5e-4, or with fewer
-    steps, it stays near chance, log 64 = 4.16), saved, and loaded back by path."""
+    """A small CLIP trained for 100 steps on 64 images (lr 2e-3: at the real runs' 5e-4, or with
+    fewer steps, it stays near chance, log 64 = 4.16), saved, and loaded back by path."""
     _, images, captions = data
-    model = pretrain.train_clip(CFG, images, captions, steps=100, batch_size=32, lr=2e-3, seed=0, progress=False)
+    model = pretrain.train_clip(TINY_CFG, images, captions, steps=100, batch_size=32, lr=2e-3, seed=0, progress=False)
     folder = tmp_path_factory.mktemp("clip")
-    pretrain.save_clip(model, CFG, folder / "toy_clip.json", folder / "toy_clip.safetensors")
+    pretrain.save_clip(model, TINY_CFG, folder / "toy_clip.json", folder / "toy_clip.safetensors")
     encoder = CLIPEncoder(folder / "toy_clip.json", folder / "toy_clip.safetensors")
     return model, encoder
 
@@ -47,13 +48,13 @@ def tiny_clip(data, tmp_path_factory):
 @torch.no_grad()
 def clip_loss(model, images, texts):
     image = F.normalize(model.encode_image(pretrain.to_clip_input(images)), dim=-1)
-    text = F.normalize(model.encode_text(pretrain.clip_tokenizer(CFG)(texts)), dim=-1)
+    text = F.normalize(model.encode_text(pretrain.clip_tokenizer(TINY_CFG)(texts)), dim=-1)
     return info_nce(image, text, model.logit_scale.exp()).item()
 
 
 def test_clip_loss_falls(data, tiny_clip):
     _, images, captions = data
-    untrained = pretrain.train_clip(CFG, images, captions, steps=0, seed=0, progress=False)
+    untrained = pretrain.train_clip(TINY_CFG, images, captions, steps=0, seed=0, progress=False)
     texts = [c[0] for c in captions]
     before, after = clip_loss(untrained, images, texts), clip_loss(tiny_clip[0], images, texts)
     assert after < before - 0.3, (before, after)
@@ -65,7 +66,7 @@ def test_saved_clip_loads_with_identical_features(data, tiny_clip):
     texts = losses.prompted([c[1] for c in captions[:8]]) + ["", "a red circle " * 20]  # empty, truncated
     with torch.no_grad():
         image_ref = F.normalize(model.encode_image(pretrain.to_clip_input(images[:8])), dim=-1)
-        text_ref = F.normalize(model.encode_text(pretrain.clip_tokenizer(CFG)(texts)), dim=-1)
+        text_ref = F.normalize(model.encode_text(pretrain.clip_tokenizer(TINY_CFG)(texts)), dim=-1)
     torch.testing.assert_close(encoder.encode_image(pretrain.to_clip_input(images[:8])), image_ref, rtol=0, atol=0)
     torch.testing.assert_close(encoder.encode_text(texts), text_ref, rtol=0, atol=0)
     # and the PIL path through open_clip's own preprocess gives the same image features
@@ -130,7 +131,7 @@ def test_to_clip_input_matches_open_clip_preprocess(data, tiny_clip):
 def test_trimmed_text_encoder_matches_open_clip(data, tiny_clip):
     model, _ = tiny_clip
     texts = [random.Random(i).choice(c) for i, c in enumerate(data[2][:16])]
-    tokens = pretrain.clip_tokenizer(CFG)(texts)
+    tokens = pretrain.clip_tokenizer(TINY_CFG)(texts)
     with torch.no_grad():
         torch.testing.assert_close(pretrain.encode_text(model, tokens), model.encode_text(tokens), rtol=1e-4, atol=1e-5)
 

@@ -100,7 +100,7 @@ def test_table_collects_score_files(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "notes.json is not a score file" in err and "captions" not in err  # captions: passed over
     header, rule, a, b = out.strip().splitlines()
-    assert header.split("|")[1].strip() == "run" and "CIDEr" in header
+    assert header.split("|")[1].strip() == "row" and "CIDEr" in header
     cells = lambda row: [c.strip() for c in row.strip("|").split("|")]
     cols = cells(header)
     assert cells(a)[0] == "a" and cells(a)[cols.index("BLEU-4")] == "12.3" and cells(a)[cols.index("CIDEr")] == "100.0"

@@ -162,23 +162,6 @@ def paired_changes(pairs, metrics=("CIDEr", "CLIP-S", "R@1", "attr_precision", "
     return lines
 
 
-def timings_table(path):
-    """The timing records of nanocap/tools/timing.py (results/timings.json) as markdown lines: what
-    ran, how long, and on what."""
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read timings from {path}: {e}") from None
-    lines = ["| record | wall time | command | CPU | cores | bfloat16 | torch | date |", "|---" * 8 + "|"]
-    for name, r in records.items():
-        m, minutes, seconds = r["machine"], *divmod(round(r["wall_s"]), 60)
-        lines.append(f"| {name} | {minutes} min {seconds:02d} s | `{r['command']}` | {m['cpu']}"
-                     f"{', ' + m['gpu'] if m.get('gpu') else ''} | {m['cores']} | {'yes' if m['bf16'] else 'no'} | "
-                     f"{m['torch']} | {r['date']} |")
-    return lines
-
-
 def bench_table(path):
     """bench.py's record (results/bench_cpu.json) as markdown lines: each ratio nanocap against the
     other side (above 1: nanocap is faster) with both sides' figures, then what it ran on."""

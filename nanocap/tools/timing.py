@@ -63,6 +63,22 @@ def record(name, command, wall_s, path=TIMINGS):
     return records[name]
 
 
+def table(path=TIMINGS):
+    """The records (results/timings.json) as markdown lines: what ran, how long, and on what."""
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read timings from {path}: {e}") from None
+    lines = ["| record | wall time | command | CPU | cores | bfloat16 | torch | date |", "|---" * 8 + "|"]
+    for name, r in records.items():
+        m, minutes, seconds = r["machine"], *divmod(round(r["wall_s"]), 60)
+        lines.append(f"| {name} | {minutes} min {seconds:02d} s | `{r['command']}` | {m['cpu']}"
+                     f"{', ' + m['gpu'] if m.get('gpu') else ''} | {m['cores']} | {'yes' if m['bf16'] else 'no'} | "
+                     f"{m['torch']} | {r['date']} |")
+    return lines
+
+
 def main(argv):
     if len(argv) < 3 or argv[1] != "--":
         raise SystemExit("usage: python -m nanocap.tools.timing NAME -- COMMAND [ARGS ...]")

@@ -30,8 +30,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 #   rm -rf data/shapes_small && make test PRETRAIN_DTYPE=bfloat16
 PRETRAIN_DTYPE ?= float32
 # Long targets run through the timer, which keeps each one's wall time, command, CPU, cores, bfloat16
-# and torch version in results/timings.json (the docs quote those records): python sample.py --timings results/timings.json
-TIMED  := HF_HUB_OFFLINE=1 $(PY) -m nanocap.tools.timing
+# and torch version in $(RECORDS)/timings.json: out/ by default (your machine's, never committed).
+# The records the docs quote were made with RECORDS=results, then `make docs` (docs/performance.md):
+#   make bench RECORDS=results && make docs
+RECORDS ?= out
+TIMED  := HF_HUB_OFFLINE=1 $(PY) -m nanocap.tools.timing --out $(RECORDS)/timings.json
 # (the world's own summary.json records its wall time and machine; a timing record here would change
 # results/timings.json before the tests that check the docs against it)
 SMALL_WORLD := HF_HUB_OFFLINE=1 $(PY) data_prep.py --config configs/shapes_small_data.json --pretrain_dtype $(PRETRAIN_DTYPE)
@@ -57,7 +60,7 @@ demo: install
 
 # nanocap against transformers and ClipCap-style decoding on this CPU (bench.py; docs/performance.md)
 bench: install
-	$(TIMED) "make bench" -- $(PY) bench.py --profile --out results/bench_cpu.json
+	$(TIMED) "make bench" -- $(PY) bench.py --profile --out $(RECORDS)/bench_cpu.json
 
 # Re-execute every notebook in place, outputs and figures saved (commit them: they are read on GitHub).
 # The small shapes world is made first when missing; the times are kept in results/timings.json.

@@ -12,13 +12,15 @@ from nanocap.tools.cli import parse_config
 
 def test_a_timed_command_is_recorded_with_its_machine_and_a_failed_one_is_not(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "results").mkdir()
     assert timing.main(["sleepy", "--", sys.executable, "-c", "import time; time.sleep(0.2)"]) == 0
-    r = json.loads((tmp_path / "results" / "timings.json").read_text())["sleepy"]
+    r = json.loads((tmp_path / "out" / "timings.json").read_text())["sleepy"]  # a run's own record, not the docs'
+    assert not (tmp_path / "results").exists()
     assert r["wall_s"] >= 0.2 and r["command"] == 'python -c import time; time.sleep(0.2)'  # no venv path
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"] and isinstance(r["machine"]["bf16"], bool)
     assert timing.main(["broken", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
-    assert set(json.loads((tmp_path / "results" / "timings.json").read_text())) == {"sleepy"}
+    assert set(json.loads((tmp_path / "out" / "timings.json").read_text())) == {"sleepy"}
+    assert timing.main(["--out", "results/timings.json", "kept", "--", sys.executable, "-c", "pass"]) == 0
+    assert set(json.loads((tmp_path / "results" / "timings.json").read_text())) == {"kept"}  # the committed one
     with pytest.raises(SystemExit, match="usage"):
         timing.main(["no-command"])
 

@@ -3,9 +3,11 @@ Timings as records. A time quoted in the docs is only as good as what is known o
 on which machine, with which torch. This runs a command, measures its wall time, and keeps the
 record under a name in results/timings.json, beside the record's machine: the CPU model, its cores,
 whether it has native bfloat16 (AVX512-BF16 or AMX), the GPU if any, and the versions of Python and
-torch. The Makefile runs its long targets through it:
+torch. The Makefile runs its long targets through it, into out/timings.json (yours, never
+committed); `make ... RECORDS=results` writes the committed results/timings.json that the docs quote:
 
     python -m nanocap.tools.timing "make demo: data_prep.py" -- python data_prep.py
+    python -m nanocap.tools.timing --out results/timings.json "make bench" -- python bench.py
     python sample.py --timings results/timings.json      # the records as a table (docs/performance.md)
 
 A command that fails records nothing, and this exits with its status.
@@ -22,7 +24,7 @@ import time
 from nanocap.base.files import write_json
 from nanocap.data.pretrain import cpu_has_bf16
 
-TIMINGS = "results/timings.json"
+TIMINGS = "out/timings.json"  # a run's own record; the docs quote results/timings.json
 
 
 def cpu_model():
@@ -59,11 +61,12 @@ def record(name, command, wall_s, path=TIMINGS):
     records = read(path)
     records[name] = {"command": command, "wall_s": round(wall_s, 1), "date": datetime.date.today().isoformat(),
                      "machine": machine()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json(path, dict(sorted(records.items())))
     return records[name]
 
 
-def table(path=TIMINGS):
+def table(path):
     """The records (results/timings.json) as markdown lines: what ran, how long, and on what."""
     try:
         with open(path) as f:
@@ -80,8 +83,11 @@ def table(path=TIMINGS):
 
 
 def main(argv):
+    path = TIMINGS
+    if argv[:1] == ["--out"] and len(argv) > 1:
+        path, argv = argv[1], argv[2:]
     if len(argv) < 3 or argv[1] != "--":
-        raise SystemExit("usage: python -m nanocap.tools.timing NAME -- COMMAND [ARGS ...]")
+        raise SystemExit("usage: python -m nanocap.tools.timing [--out FILE] NAME -- COMMAND [ARGS ...]")
     name, command = argv[0], argv[2:]
     start = time.perf_counter()
     status = subprocess.call(command)
@@ -90,9 +96,9 @@ def main(argv):
         return status
     shown = " ".join("python" if i == 0 and os.path.basename(a).startswith("python") else a
                      for i, a in enumerate(command))  # no machine's venv path in the record
-    r = record(name, shown, wall)
+    r = record(name, shown, wall, path)
     print(f"timing: {name} took {wall:.0f} s ({r['machine']['cpu']}, {r['machine']['cores']} cores); "
-          f"recorded in {TIMINGS}")
+          f"recorded in {path}")
     return 0
 
 

@@ -15,7 +15,7 @@ def test_a_timed_command_is_recorded_with_its_machine_and_a_failed_one_is_not(tm
     assert timing.main(["sleepy", "--", sys.executable, "-c", "import time; time.sleep(0.2)"]) == 0
     r = json.loads((tmp_path / "out" / "timings.json").read_text())["sleepy"]  # a run's own record, not the docs'
     assert not (tmp_path / "results").exists()
-    assert r["wall_s"] >= 0.2 and r["command"] == 'python -c import time; time.sleep(0.2)'  # no venv path
+    assert r["wall_s"] >= 0.2 and r["command"] == "python -c 'import time; time.sleep(0.2)'"  # no venv path
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"] and isinstance(r["machine"]["bf16"], bool)
     assert timing.main(["broken", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
     assert set(json.loads((tmp_path / "out" / "timings.json").read_text())) == {"sleepy"}

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -94,8 +95,8 @@ def main(argv):
     wall = time.perf_counter() - start
     if status != 0:
         return status
-    shown = " ".join("python" if i == 0 and os.path.basename(a).startswith("python") else a
-                     for i, a in enumerate(command))  # no machine's venv path in the record
+    shown = shlex.join(["python" if i == 0 and os.path.basename(a).startswith("python") else a
+                        for i, a in enumerate(command)])  # no machine's venv path in the record
     r = record(name, shown, wall, path)
     print(f"timing: {name} took {wall:.0f} s ({r['machine']['cpu']}, {r['machine']['cores']} cores); "
           f"recorded in {path}")

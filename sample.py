@@ -259,8 +259,11 @@ def refresh_blocks(paths, check=False):
         return out.getvalue().rstrip("\n")
     stale = []
     for path in paths:
-        with open(path) as f:
-            text = f.read()
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read {path}: {e.strerror}") from None
         new = report.refresh_blocks(text, run)
         if new != text:
             stale.append(path)

@@ -158,3 +158,5 @@ def test_refresh_writes_each_generated_block_from_its_own_command_and_check_catc
     assert text == f"# A page\n\n{marker}\n{table}\n<!-- /generated -->\n\ntext after\n"
     assert "| (c) stage 1, 100% of the labels | 2 |" in text  # the docs' row name, not the file's
     assert sample.main(parse_config(sample.Config, ["--refresh", "page.md", "--check"])) == 0
+    with pytest.raises(SystemExit, match="error: cannot read nowhere.md"):  # a user's typo: one line
+        sample.main(parse_config(sample.Config, ["--refresh", "nowhere.md"]))

@@ -226,8 +226,8 @@ def _cell(values):
 
 
 def two_by_two(results_dir, metrics=("attr_precision", "rel_precision", "attr_recall")):
-    """The 2x2 read off seed by seed. Each cell's scores (mean ± std over seeds); stage 2's change (stage 2 - stage 1, same seed) in each cell;
-    then what each swap does to that change against the bag-of-words cell (a difference of
+    """The 2x2 read off seed by seed. Each cell's scores (mean ± std over seeds); stage 2's change
+    (stage 2 - stage 1, same seed) in each cell; then what each swap does to that change against the bag-of-words cell (a difference of
     differences, paired by seed), and what the compositional features do to full supervision.
     Only seeds that have every file a line needs count; a metric a file lacks (rel_precision
     when no caption states a relation) is skipped for that seed. Returns markdown lines."""

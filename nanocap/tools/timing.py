@@ -1,7 +1,7 @@
 """
 Timings as records. A time quoted in the docs is only as good as what is known of it: which command,
 on which machine, with which torch. This runs a command, measures its wall time, and keeps the
-record under a name in results/timings.json, beside the record's machine: the CPU model, its cores,
+record under a name in a timings file, beside the record's machine: the CPU model, its cores,
 whether it has native bfloat16 (AVX512-BF16 or AMX), the GPU if any, and the versions of Python and
 torch. The Makefile runs its long targets through it, into out/timings.json (yours, never
 committed); `make ... RECORDS=results` writes the committed results/timings.json that the docs quote:

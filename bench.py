@@ -259,8 +259,7 @@ def main(cfg):
     import transformers
     # what the figures depend on: the machine, the versions, the flags (not where the file went)
     results = {"device": name, "machine": timing.machine(), "torch": torch.__version__,
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "open_clip": open_clip.__version__},
+               "versions": {"transformers": transformers.__version__, "open_clip": open_clip.__version__},
                "quick": cfg.quick, "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
     print(f"device: {name}")
 

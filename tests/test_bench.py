@@ -3,6 +3,8 @@
 import json
 import math
 
+import torch
+
 import bench
 
 
@@ -17,4 +19,4 @@ def test_bench_quick_writes_every_ratio(tmp_path):
     assert r["device"] and r["decoding_small"]["greedy_tokens_agree"] == 1.0
     # the record says where and with what it ran, and how long, but not where it was written
     assert r["wall_s"] > 0 and r["machine"]["cpu"] and r["machine"]["cores"] >= 1 and "bf16" in r["machine"]
-    assert r["versions"]["torch"] == r["machine"]["torch"] and "out" not in r["config"]
+    assert r["machine"]["torch"] == torch.__version__ and r["versions"]["transformers"] and "out" not in r["config"]

@@ -33,9 +33,14 @@ def anchors(path):
     return {slug(m) for m in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
 
 
+def links_in(text):
+    """The relative link targets of a Markdown text (not http:, mailto:, ...)."""
+    return [t for t in LINK.findall(without_code(text)) if not re.match(r"[a-z]+:", t)]
+
+
 def links(path):
     with open(path) as f:
-        return [t for t in LINK.findall(without_code(f.read())) if not re.match(r"[a-z]+:", t)]
+        return links_in(f.read())
 
 
 def test_slugs_follow_github():
@@ -43,10 +48,6 @@ def test_slugs_follow_github():
     assert slug("4. Train: stage 1 on 2% of the labels") == "4-train-stage-1-on-2-of-the-labels"
     assert links_in("see [a](docs/x.md#y) and ![b](assets/p.png), `[c](no.md)`, [d](https://e.org)") == \
         ["docs/x.md#y", "assets/p.png"]
-
-
-def links_in(text):
-    return [t for t in LINK.findall(without_code(text)) if not re.match(r"[a-z]+:", t)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, ROOT))

@@ -194,7 +194,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     weights = make_clip(work)
     start = time.time()
-    result = dict(config=asdict(cfg), cpu_cores=os.cpu_count(), torch=torch.__version__, machine=timing.machine(),
+    result = dict(config=asdict(cfg), machine=timing.machine(),  # machine: the CPU, its cores, torch, ...
                   memory=bench_memory(cfg, work, weights, gen),
                   extract=bench_extract(cfg, work, weights) if cfg.extract_images else [])
     result["wall_s"] = round(time.time() - start, 1)  # the runs, without making the CLIP weights

@@ -150,16 +150,22 @@ def paired_changes(pairs, metrics=("CIDEr", "CLIP-S", "R@1", "attr_precision", "
     'mean ± std (seed by seed)' per metric. Returns the lines to print."""
     lines = ["| change | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for before, after in pairs:
-        one, two = (by_seed(os.path.dirname(p) or ".", os.path.basename(p)) for p in (before, after))
-        seeds = sorted(set(one) & set(two))
-        if not seeds:
-            raise ValueError(f"no seed has both {before}.seedN.json and {after}.seedN.json")
-        cells = [_cell([two[s][m] - one[s][m] if m in one[s] and m in two[s] else None for s in seeds])
-                 for m in metrics]
+        n, cells = _paired(before, after, metrics)
         label = f"{ROW_NAMES.get(os.path.basename(after), after).split(' ')[0]} − " \
                 f"{ROW_NAMES.get(os.path.basename(before), before).split(' ')[0]}"
-        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _paired(before, after, metrics):
+    """How many seeds both prefixes' score files have, and after - before of each metric over them,
+    one 'mean ± std (seed by seed)' cell per metric."""
+    one, two = (by_seed(os.path.dirname(p) or ".", os.path.basename(p)) for p in (before, after))
+    seeds = sorted(set(one) & set(two))
+    if not seeds:
+        raise ValueError(f"no seed has both {before}.seedN.json and {after}.seedN.json")
+    return len(seeds), [_cell([two[s][m] - one[s][m] if m in one[s] and m in two[s] else None for s in seeds])
+                        for m in metrics]
 
 
 def bench_table(path):
@@ -192,7 +198,7 @@ def bench_table(path):
         v = r["versions"]
         lines.append(f"Measured by `python bench.py{' --profile' if r['config'].get('profile') else ''}` in "
                      f"{r['wall_s'] / 60:.0f} min on {m['cpu']}, {m['cores']} cores ({r['device']}), bfloat16 "
-                     f"{'yes' if m['bf16'] else 'no'}, torch {v['torch']}, transformers {v['transformers']}.")
+                     f"{'yes' if m['bf16'] else 'no'}, torch {m['torch']}, transformers {v['transformers']}.")
     return lines
 
 
@@ -282,14 +288,9 @@ def stage2_changes(prefixes, metrics=("CLIP-S", "fluency", "attr_precision", "at
     (seed by seed)' per metric. Returns the lines to print."""
     lines = ["| stage 2 - stage 1 | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for prefix in prefixes:
-        folder, name = os.path.split(prefix)
-        one, two = by_seed(folder or ".", f"{name}_stage1"), by_seed(folder or ".", f"{name}_stage2")
-        seeds = sorted(set(one) & set(two))
-        if not seeds:
-            raise ValueError(f"no seed has both {prefix}_stage1.seedN.json and {prefix}_stage2.seedN.json")
-        cells = [_cell([two[s][m] - one[s][m] if m in one[s] and m in two[s] else None for s in seeds])
-                 for m in metrics]
-        lines.append(f"| {ROW_NAMES.get(name, name)} | {len(seeds)} | " + " | ".join(cells) + " |")
+        n, cells = _paired(f"{prefix}_stage1", f"{prefix}_stage2", metrics)
+        name = os.path.basename(prefix)
+        lines.append(f"| {ROW_NAMES.get(name, name)} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
